@@ -1,0 +1,7 @@
+"""vitlab: patch-based image models (ViT, hybrid, CvT, ConvMixer, BiT ResNet) — build, train,
+fine-tune, study and explain them."""
+from .errors import CheckpointError, ConfigError, DataError, VitlabError
+from .models import create_model, list_models
+
+__version__ = "0.1.0"
+__all__ = ["create_model", "list_models", "ConfigError", "DataError", "CheckpointError", "VitlabError"]

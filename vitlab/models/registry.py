@@ -1,0 +1,113 @@
+"""Named model variants as data.
+
+Each family module (vit.py, cvt.py, convmixer.py, resnet.py, hybrid.py) calls
+`register_family(family, builder, variants)` at import time, where `variants` maps a
+canonical name (``vit_b16``) to the keyword arguments of `builder` that define it, plus
+optional aliases (the papers' spellings, ``ViT-B/16``). `create_model` looks a name up,
+merges user overrides on top of the variant's config, validates the keys against the
+builder's signature, and calls the builder.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import ConfigError, did_you_mean
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    builder: Callable[..., nn.Module]
+    config: dict[str, Any]
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    default_img_size: int = 224
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def _norm(name: str) -> str:
+    """Normalise a spelling: 'ViT-B/16' -> 'vitb16', 'vit_b16' -> 'vitb16'."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def register_family(family: str, builder: Callable[..., nn.Module], variants: dict[str, dict],
+                    aliases: dict[str, str] | None = None, descriptions: dict[str, str] | None = None,
+                    default_img_size: dict[str, int] | None = None) -> None:
+    for name, cfg in variants.items():
+        if name in _REGISTRY:
+            raise RuntimeError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelSpec(
+            name=name, family=family, builder=builder, config=dict(cfg),
+            aliases=tuple(a for a, n in (aliases or {}).items() if n == name),
+            description=(descriptions or {}).get(name, ""),
+            default_img_size=(default_img_size or {}).get(name, 224),
+        )
+        _ALIASES[_norm(name)] = name
+    for alias, name in (aliases or {}).items():
+        _ALIASES[_norm(alias)] = name
+
+
+def resolve_name(name: str) -> str:
+    """Canonical name for a name or alias; ConfigError with close matches otherwise."""
+    if name in _REGISTRY:
+        return name
+    key = _norm(name)
+    if key in _ALIASES:
+        return _ALIASES[key]
+    raise ConfigError(
+        f"unknown model {name!r}.{did_you_mean(name, _REGISTRY)} "
+        f"Run `vitlab models` for the full list."
+    )
+
+
+def get_spec(name: str) -> ModelSpec:
+    return _REGISTRY[resolve_name(name)]
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Canonical names of every registered variant (optionally of one family)."""
+    return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
+
+
+def builder_params(builder: Callable[..., nn.Module]) -> list[str]:
+    sig = inspect.signature(builder)
+    return [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
+
+
+def create_model(name: str, num_classes: int = 1000, img_size: int | tuple[int, int] | None = None,
+                 in_chans: int = 3, **overrides) -> nn.Module:
+    """Build a named variant.
+
+    `overrides` replace any of the variant's constructor arguments (e.g.
+    ``global_pool="avg"``, ``pos_embed="sincos_2d"``, ``drop_path_rate=0.1``). Unknown keys
+    raise a ConfigError naming the key and the closest valid ones.
+    """
+    spec = get_spec(name)
+    valid = builder_params(spec.builder)
+    for key in overrides:
+        if key not in valid:
+            raise ConfigError(
+                f"model {spec.name!r} has no option {key!r}.{did_you_mean(key, valid)} "
+                f"Valid options: {', '.join(sorted(valid))}."
+            )
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise ConfigError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}")
+    cfg = {**spec.config, **overrides}
+    cfg.update(num_classes=num_classes, in_chans=in_chans,
+               img_size=spec.default_img_size if img_size is None else img_size)
+    model = spec.builder(**cfg)
+    model.variant_name = spec.name  # recorded in checkpoints, reports and benchmarks
+    model.variant_config = {k: v for k, v in cfg.items()}
+    return model
