@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import CheckpointError, ConfigError, did_you_mean
 from .layers import (POS_EMBED_KINDS, Block, PatchEmbed, RelativePositionBias, check_input, resample_1d,
                      resample_abs_pos_embed, sincos_1d, sincos_2d, to_2tuple)
 from .registry import register_family
@@ -306,26 +306,48 @@ class VisionTransformer(nn.Module):
         return out
 
 
-def load_resampled_state_dict(model: VisionTransformer, state_dict: dict, strict: bool = True):
-    """Load a state dict saved at another grid size: learned position tables are resampled
-    to the model's grid first (bicubic 2D for 'learned', linear for 'learned_2d')."""
+def resample_state_dict(model: VisionTransformer, state_dict: dict) -> dict:
+    """A copy of `state_dict` whose learned position tables are resampled to the model's
+    grid (bicubic 2D for 'learned', linear for 'learned_2d' rows/columns, bicubic for the
+    relative-bias tables). Entries already at the model's shape are returned unchanged.
+
+    The grid of a checkpoint's 1D table is inferred as a square; a non-square one raises a
+    CheckpointError telling how to resample it with an explicit grid.
+    """
     sd = dict(state_dict)
-    if model.pos_embed is not None and "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
-        n_old = sd["pos_embed"].shape[1] - model.num_prefix_tokens
-        side = int(math.isqrt(n_old))
-        old_grid = (side, side) if side * side == n_old else None
-        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], model.grid_size, old_grid, model.num_prefix_tokens)
+    pe = sd.get("pos_embed")
+    # (a table of another width is left as it is, for the caller's shape-mismatch report)
+    if (model.pos_embed is not None and pe is not None and tuple(pe.shape) != tuple(model.pos_embed.shape)
+            and pe.ndim == 3 and pe.shape[0] == 1 and pe.shape[2] == model.embed_dim):
+        p = model.num_prefix_tokens
+        n_old = pe.shape[1] - p
+        side = math.isqrt(max(n_old, 0))
+        if n_old <= 0 or side * side != n_old:
+            raise CheckpointError(
+                f"pos_embed in the checkpoint has {pe.shape[1]} entries = {p} prefix (class) token(s) + {n_old} "
+                f"grid positions, which is not a square grid, so its grid cannot be inferred. If the checkpoint "
+                f"was made with{'out' if p else ''} a class token, build the model with "
+                f"class_token={not p}; for a non-square grid resample it first with "
+                f"resample_abs_pos_embed(pos_embed, {model.grid_size}, old_grid=(h, w), num_prefix_tokens={p})")
+        sd["pos_embed"] = resample_abs_pos_embed(pe, model.grid_size, (side, side), p)
     if model.pos_embed_row is not None:
         for key, length in (("pos_embed_row", model.grid_size[0]), ("pos_embed_col", model.grid_size[1])):
-            if key in sd:
+            if key in sd and sd[key].ndim == 2 and sd[key].shape[1] == model.embed_dim // 2:
                 sd[key] = resample_1d(sd[key], length)
     if model.rel_pos is not None:
         for i, rp in enumerate(model.rel_pos):
             key = f"rel_pos.{i}.table"
-            if key in sd and sd[key].shape != rp.table.shape:
-                sd[key] = F.interpolate(sd[key][None].float(), size=rp.table.shape[1:], mode="bicubic",
-                                        align_corners=False)[0]
-    return model.load_state_dict(sd, strict=strict)
+            t = sd.get(key)
+            if t is not None and t.ndim == 3 and t.shape != rp.table.shape and t.shape[0] == rp.table.shape[0]:
+                sd[key] = F.interpolate(sd[key][None].float(), size=tuple(rp.table.shape[1:]), mode="bicubic",
+                                        align_corners=False)[0].to(sd[key].dtype)
+    return sd
+
+
+def load_resampled_state_dict(model: VisionTransformer, state_dict: dict, strict: bool = True):
+    """Load a state dict saved at another grid size: learned position tables are resampled
+    to the model's grid first (bicubic 2D for 'learned', linear for 'learned_2d')."""
+    return model.load_state_dict(resample_state_dict(model, state_dict), strict=strict)
 
 
 # ----------------------------------------------------------------------------- registry
