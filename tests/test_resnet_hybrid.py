@@ -272,7 +272,7 @@ def test_bad_configurations_raise_config_error():
         create_model("resnet_small", width_factor=-1)
     with pytest.raises(ConfigError, match="r50_s16"):
         create_model("vit_b16", hybrid_stem="r50_s61")
-    with pytest.raises(ConfigError, match="divisible by the hybrid stem's stride 16"):
+    with pytest.raises(ConfigError, match="divisible by the hybrid's token stride 16"):
         create_model("r50_vit_b16", img_size=200)
     with pytest.raises(ConfigError, match="unknown model"):
         create_model("r50_vit_b8")

@@ -100,12 +100,15 @@ class VisionTransformer(nn.Module):
             from .resnet import build_hybrid_stem  # the BiT ResNet lives with the ResNet family
 
             self.stem, stem_chans, stem_stride = build_hybrid_stem(hybrid_stem, in_chans)
-            # patch_size is the effective pixel stride of one token (1x1 patches on a map of stride s)
-            self.patch_size = (stem_stride, stem_stride)
-            if self.img_size[0] % stem_stride or self.img_size[1] % stem_stride:
-                raise ConfigError(f"image size {self.img_size} is not divisible by the hybrid stem's stride "
-                                  f"{stem_stride}; use a multiple of {stem_stride}")
-            self.patch_embed = PatchEmbed((self.img_size[0] // stem_stride, self.img_size[1] // stem_stride), 1,
+            # The paper uses 1x1 patches on the stem's feature map; p > 1 groups p x p cells.
+            # patch_size is then the pixel stride of one token: stem stride x p.
+            fp = to_2tuple(patch_size)
+            self.patch_size = (stem_stride * fp[0], stem_stride * fp[1])
+            if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
+                raise ConfigError(f"image size {self.img_size} is not divisible by the hybrid's token stride "
+                                  f"{self.patch_size[0]} (stem stride {stem_stride} x patch_size {fp[0]}); "
+                                  f"use a multiple of {self.patch_size[0]}")
+            self.patch_embed = PatchEmbed((self.img_size[0] // stem_stride, self.img_size[1] // stem_stride), fp,
                                           stem_chans, embed_dim, dynamic_img_size=True)
             self.in_chans = in_chans
         else:

@@ -1,0 +1,227 @@
+"""Any folder of class sub-folders of images (``root/<class>/<image>``), decoded once into memory.
+
+If ``root`` has ``train/`` and ``val/`` (or ``test/``) sub-folders, each is such a folder and
+they are the splits; otherwise the caller holds out a seeded stratified ``val_fraction``.
+Every image is decoded with PIL, converted to RGB (or grey with ``in_chans=1``) and resized to one
+fixed size (``image_size``; by default the most common size in the folder), so the whole set is a
+single uint8 tensor the training loop indexes and augments in batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+CACHE_VERSION = 1
+MAX_LISTED_WARNINGS = 20
+
+
+def _visible(entries):
+    return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def scan(root: Path) -> tuple[list[str], list[tuple[str, int, int, int]]]:
+    """(class_names, [(path, label, size, mtime_ns)]) of one class-folder tree. Hidden files
+    (.DS_Store, ...) and files without an image extension are ignored."""
+    classes, files = [], []
+    with os.scandir(root) as it:
+        class_dirs = [e for e in _visible(it) if e.is_dir()]
+    if not class_dirs:
+        raise DataError(f"{root} has no class sub-folders: put the images in {root}/<class name>/<image>.jpg "
+                        f"(one sub-folder per class)")
+    for e in class_dirs:
+        with os.scandir(e.path) as it:
+            imgs = [f for f in _visible(it) if f.is_file() and Path(f.name).suffix.lower() in IMAGE_EXTENSIONS]
+        if not imgs:
+            raise DataError(f"class folder {e.path} has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
+                            f"add images or remove the folder")
+        label = len(classes)
+        classes.append(e.name)
+        for f in imgs:
+            st = f.stat()
+            files.append((f.path, label, st.st_size, st.st_mtime_ns))
+    return classes, files
+
+
+def _header_size(path: str):
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size  # (W, H): PIL reads only the header here
+    except Exception as e:  # any failure to identify the file makes it a bad image
+        return e
+
+
+def _decode(path: str, size_hw: tuple[int, int], mode: str, fit: str):
+    """uint8 (H, W, C) array of one image, or the exception that made it unreadable."""
+    from PIL import Image, ImageOps
+    h, w = size_hw
+    try:
+        with Image.open(path) as im:
+            # JPEG draft mode decodes at 1/2, 1/4, 1/8 scale when the target is that much smaller:
+            # far less work for large photos, same result after the final resize.
+            im.draft("RGB" if mode == "RGB" else "L", (w, h))
+            im = im.convert(mode)
+            if im.size != (w, h):
+                if fit == "center_crop":
+                    im = ImageOps.fit(im, (w, h), method=Image.Resampling.BILINEAR)
+                else:
+                    im = im.resize((w, h), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # truncated data, bad markers, unsupported variants...: a bad image
+        return e
+    return arr if arr.ndim == 3 else arr[:, :, None]
+
+
+def _workers() -> int:
+    # PIL releases the GIL while decoding and resizing, so threads scale with cores; a few
+    # more threads than cores hide the file reads.
+    return max(2, min(16, 2 * (os.cpu_count() or 1)))
+
+
+def _cache_dir(root: Path) -> Path | None:
+    """$VITLAB_CACHE_DIR, else ~/.cache/vitlab, else <root>/.vitlab_cache: the first writable."""
+    options = []
+    if os.environ.get("VITLAB_CACHE_DIR"):
+        options.append(Path(os.environ["VITLAB_CACHE_DIR"]).expanduser())
+    options += [Path.home() / ".cache" / "vitlab", root / ".vitlab_cache"]
+    for d in options:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(d, os.W_OK):
+            return d
+    return None
+
+
+def _cache_key(root: Path, files, size_hw, mode, fit) -> str:
+    # Keyed by every file's path, size and modification time (plus the decode settings), so any
+    # added, removed, replaced or touched image invalidates the cache.
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_VERSION, str(root.resolve()), size_hw, mode, fit]).encode())
+    for path, label, size, mtime in files:
+        h.update(f"{path}\0{label}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def decode_tree(root: Path, image_size=None, in_chans: int = 3, fit: str = "squash", cache: bool = True):
+    """Decode one class-folder tree. Returns (images uint8 (N,C,H,W), labels, class_names,
+    bad: list[(path, reason)], from_cache: bool).
+
+    Decoding thousands of JPEGs costs seconds each run; the decoded array is cached as an
+    uncompressed .npz (loads at disk speed) keyed by the files' sizes and mtimes, so a second
+    load of an unchanged folder is close to instant.
+    """
+    if in_chans not in (1, 3):
+        raise ConfigError(f"in_chans must be 1 (grey) or 3 (RGB) for imagefolder, got {in_chans}")
+    if fit not in ("squash", "center_crop"):
+        raise ConfigError(f"fit must be 'squash' (resize, aspect not kept) or 'center_crop', got {fit!r}")
+    mode = "RGB" if in_chans == 3 else "L"
+    classes, files = scan(root)
+    bad: dict[str, str] = {}
+    paths = [f[0] for f in files]
+
+    if image_size is not None:
+        size_hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(size_hw) != 2 or min(size_hw) < 1:
+            raise ConfigError(f"image_size must be a positive int or (H, W), got {image_size!r}")
+    else:
+        size_hw = None
+
+    key = _cache_key(root, files, size_hw or "most-common", mode, fit)
+    cdir = _cache_dir(root) if cache else None
+    cfile = cdir / f"imagefolder-{key}.npz" if cdir else None
+    if cfile is not None and cfile.is_file():
+        try:
+            with np.load(cfile, allow_pickle=False) as z:
+                images = torch.from_numpy(z["images"])
+                labels = torch.from_numpy(z["labels"])
+                bad_list = [tuple(x) for x in json.loads(str(z["bad"]))]
+            return images, labels, classes, bad_list, True
+        except Exception:  # an unreadable cache (interrupted write, old format) is rebuilt
+            pass
+
+    if size_hw is None:
+        # The most common size: read the headers only (cheap), the full decode comes once.
+        with ThreadPoolExecutor(_workers()) as pool:
+            sizes = list(pool.map(_header_size, paths))
+        for p, s in zip(paths, sizes):
+            if isinstance(s, Exception):
+                bad[p] = f"{type(s).__name__}: {s}"
+        counts = Counter(s for s in sizes if not isinstance(s, Exception))
+        if not counts:
+            raise DataError(f"no readable image in {root}: every file failed to open (first: {next(iter(bad))})")
+        w, h = counts.most_common(1)[0][0]
+        size_hw = (h, w)
+
+    h, w = size_hw
+    out = np.empty((len(files), h, w, in_chans), dtype=np.uint8)
+    ok = np.zeros(len(files), dtype=bool)
+
+    def work(i):
+        p = paths[i]
+        if p in bad:
+            return
+        r = _decode(p, size_hw, mode, fit)
+        if isinstance(r, Exception):
+            bad[p] = f"{type(r).__name__}: {r}"
+        else:
+            out[i] = r
+            ok[i] = True
+
+    with ThreadPoolExecutor(_workers()) as pool:
+        list(pool.map(work, range(len(files))))
+    images = torch.from_numpy(out[ok]).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([f[1] for f in files], dtype=torch.int64)[torch.from_numpy(ok)]
+    bad_list = sorted(bad.items())
+
+    if cfile is not None:
+        # Written to a temporary file and renamed, so an interrupted run never leaves a half cache.
+        try:
+            fd, tmp = tempfile.mkstemp(dir=cdir, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, images=images.numpy(), labels=labels.numpy(), bad=np.array(json.dumps(bad_list)))
+            os.replace(tmp, cfile)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except (OSError, UnboundLocalError):
+                pass
+    return images, labels, classes, bad_list, False
+
+
+def report_bad(bad: list[tuple[str, str]], on_bad_image: str) -> None:
+    """Apply the user's policy to unreadable images: DataError on the first, or one warning per
+    file (up to 20, then a count) and a total."""
+    if not bad:
+        return
+    if on_bad_image == "error":
+        path, why = bad[0]
+        more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+        raise DataError(f"cannot decode image {path} ({why}){more}: remove or replace the file, or pass "
+                        f"on_bad_image='skip' (data.on_bad_image=skip) to skip unreadable images")
+    for path, why in bad[:MAX_LISTED_WARNINGS]:
+        warnings.warn(f"skipped unreadable image {path} ({why})", stacklevel=3)
+    extra = len(bad) - MAX_LISTED_WARNINGS
+    warnings.warn(f"skipped {len(bad)} unreadable image file(s)" + (f" ({extra} not listed)" if extra > 0 else ""),
+                  stacklevel=3)
+
+
+def find_split_dirs(root: Path) -> tuple[Path, Path] | None:
+    train = root / "train"
+    for name in ("val", "test"):
+        if train.is_dir() and (root / name).is_dir():
+            return train, root / name
+    return None
