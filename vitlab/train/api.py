@@ -1,0 +1,274 @@
+"""The Python API behind `vitlab train / eval / finetune / predict`.
+
+    from vitlab import train, evaluate, finetune, predict, TrainConfig
+    result = train(TrainConfig(epochs=10))             # RunResult(run_dir, summary, ...)
+    evaluate(result.run_dir)                            # accuracy, loss, per-class, confusion matrix
+    ft = finetune(result.run_dir, "imagefolder", img_size=16, data_dir="flowers5")
+    predict(ft.run_dir, ["rose.jpg"], topk=3)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError, ConfigError, DataError
+from .checkpoint import build_model_from_config, load_model
+from .config import TrainConfig, apply_overrides
+from .engine import RunResult, fit
+
+
+def train(config: TrainConfig | dict | None = None, **overrides) -> RunResult:
+    """Train a model; returns RunResult(run_dir, summary, history, step_losses).
+
+    `config` is a TrainConfig (or a dict of its fields); keyword arguments override fields.
+    With `config.resume` set to a run directory the run continues from its last checkpoint:
+    its saved config is used, overridden by any field given here that differs from the
+    defaults (e.g. `epochs=`)."""
+    if config is None:
+        config = TrainConfig()
+    elif isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    if overrides:
+        config = apply_overrides(config, overrides)
+    return fit(config)
+
+
+# ---------------------------------------------------------------------------- evaluation
+def _load_eval_data(info: dict, dataset: str | None, data_dir: str | None, data_options: dict | None):
+    """The data a checkpoint is evaluated on: by default its own data set and held-out split,
+    decoded with the model's number of channels."""
+    from ..data import load_dataset
+
+    cfg = info["config"]
+    same = dataset is None or dataset == cfg.get("dataset")
+    name = cfg.get("dataset") if dataset is None else dataset
+    options = dict(cfg.get("data_options") or {}) if same else {}
+    options.update(data_options or {})
+    if name != "synthetic" or "in_chans" not in options:
+        options.setdefault("in_chans", info["in_chans"])
+    return load_dataset(name, data_dir if data_dir is not None else (cfg.get("data_dir") if same else None),
+                        val_fraction=cfg.get("val_fraction", 0.1), split_seed=cfg.get("split_seed", 0),
+                        on_bad_image=cfg.get("on_bad_image", "skip"), **options)
+
+
+@torch.no_grad()
+def _logits(model, dataset, transform, device, batch_size: int) -> torch.Tensor:
+    out = []
+    for start in range(0, len(dataset.labels), batch_size):
+        x, _ = transform(dataset.images[start:start + batch_size].to(device),
+                         dataset.labels[start:start + batch_size].to(device))
+        out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def evaluate(run_or_checkpoint: str | Path, dataset: str | None = None, data_dir: str | None = None, *,
+             split: str = "val", batch_size: int = 512, out: str | Path | None = None, which: str = "last",
+             ema: bool | None = None, device: str = "cpu", data_options: dict | None = None,
+             plot: bool = True) -> dict[str, Any]:
+    """Accuracy, mean cross-entropy, per-class accuracy and the confusion matrix of a trained
+    model on a data set's `split` ('val' or 'train'); by default the run's own data set and
+    held-out split. Writes eval.json and confusion.png into `out` (default: <run>/eval-<data>)."""
+    from ..data import AugmentConfig, BatchTransform
+    from .distributed import resolve_device
+
+    if split not in ("val", "train"):
+        raise ConfigError(f"split={split!r} is not valid; choose val or train")
+    model, info = load_model(run_or_checkpoint, which=which, ema=ema)
+    dev = resolve_device(device)
+    model.to(dev)
+    bundle = _load_eval_data(info, dataset, data_dir, data_options)
+    if bundle.num_classes != info["num_classes"]:
+        raise ConfigError(f"the model predicts {info['num_classes']} classes but {bundle.name} has "
+                          f"{bundle.num_classes}; fine-tune it first: vitlab finetune {run_or_checkpoint} "
+                          f"--dataset {bundle.name}")
+    data = bundle.val if split == "val" else bundle.train
+    # the preprocessing the model was trained with: its own size and normalisation
+    tf = BatchTransform(AugmentConfig(img_size=info["img_size"]), info["mean"] or bundle.mean,
+                        info["std"] or bundle.std, bundle.num_classes, train=False)
+    logits = _logits(model, data, tf, dev, batch_size)
+    labels = data.labels.long()
+    k = info["num_classes"]
+    pred = logits.argmax(dim=1)
+    cm = torch.zeros(k, k, dtype=torch.int64)
+    cm.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    per_class_n = cm.sum(dim=1)
+    names = list(info.get("class_names") or bundle.class_names)
+    per_class = {names[i]: (float(cm[i, i] / per_class_n[i]) if per_class_n[i] else None) for i in range(k)}
+    result = {
+        "checkpoint": info["checkpoint"], "dataset": bundle.name, "split": split, "n": int(len(labels)),
+        "accuracy": float((pred == labels).float().mean()) if len(labels) else None,
+        "loss": float(F.cross_entropy(logits, labels)) if len(labels) else None,
+        "per_class_accuracy": per_class, "confusion_matrix": cm.tolist(), "class_names": names,
+        "ema": info["ema"],
+    }
+    out_dir = Path(out) if out is not None else Path(info["run_dir"]) / f"eval-{bundle.name}-{split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if plot:
+        result["confusion_png"] = str(_plot_confusion(cm, names, out_dir / "confusion.png",
+                                                      f"{bundle.name} {split}: accuracy {100 * result['accuracy']:.2f}%"))
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    result["json"] = str(out_dir / "eval.json")
+    return result
+
+
+def _plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = cm.shape[0]
+    rows = cm.sum(dim=1, keepdim=True).clamp(min=1)
+    frac = (cm / rows).numpy()
+    size = min(2 + 0.45 * k, 16)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        ax.set_xticks(range(k), names, rotation=90 if k > 10 or max(map(len, names)) > 4 else 0, fontsize=8)
+        ax.set_yticks(range(k), names, fontsize=8)
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+FINETUNE_DEFAULTS = dict(optimizer="sgd", momentum=0.9, lr=0.01, min_lr=0.0, weight_decay=0.0, schedule="cosine",
+                         warmup_epochs=1.0, grad_clip=1.0, epochs=10, batch_size=64)
+# the architecture a fine-tuned run inherits; data, augmentation and optimisation start afresh
+_INHERITED = ("model", "model_kwargs", "drop_path", "dropout", "objective", "objective_kwargs", "precision", "seed")
+
+
+def finetune(checkpoint: str | Path, dataset: str, img_size: int | None = None, data_dir: str | None = None, *,
+             overrides: list[str] | dict | None = None, which: str = "last", ema: bool | None = None,
+             verbose: bool = True, **fields) -> RunResult:
+    """Fine-tune a trained model on another data set, the paper's way: the classifier is
+    replaced by a zero-initialised linear layer for the new classes, learned position
+    embeddings are resampled to the new patch grid (2D interpolation) when `img_size`
+    changes, and the whole network is trained with SGD momentum 0.9, no weight decay,
+    gradient clipping at 1 and linear warmup then cosine decay (FINETUNE_DEFAULTS).
+    `fields`/`overrides` change any TrainConfig field (e.g. epochs=, lr=, name=)."""
+    model, info = load_model(checkpoint, which=which, ema=ema)
+    base = info["config"]
+    cfg = TrainConfig.from_dict({k: base[k] for k in _INHERITED if k in base})
+    cfg = apply_overrides(cfg, {**FINETUNE_DEFAULTS, "dataset": dataset, "data_dir": data_dir,
+                                "img_size": img_size, "init_from": str(info["checkpoint"])})
+    cfg = apply_overrides(cfg, fields)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    if cfg.objective != "classification":  # the fine-tuned model classifies, whatever pre-trained it
+        cfg = dataclasses.replace(cfg, objective="classification", objective_kwargs={})
+    if cfg.resume:
+        raise ConfigError("finetune starts a new run; to continue one use `vitlab train --resume RUN_DIR`")
+    # the new data is decoded with the model's channels (grey <-> RGB), so the patch
+    # projection keeps its meaning
+    cfg.data_options = dict(cfg.data_options)
+    cfg.data_options.setdefault("in_chans", info["in_chans"])
+    from .engine import load_data, resolve_img_size
+
+    cfg.validate()
+    bundle = load_data(cfg)
+    new_size = resolve_img_size(cfg, bundle)  # default: the new data's own size
+    cfg = dataclasses.replace(cfg, img_size=new_size, num_classes=int(bundle.num_classes),
+                              in_chans=int(bundle.in_chans))
+    _adapt_model(model, bundle.num_classes, new_size, info)
+    model.train()
+    # the run must be rebuildable from its config (checkpoints, resume, load_model)
+    cfg = _matching_config(cfg, model)
+    return fit(cfg, model=model, bundle=bundle, verbose=verbose)
+
+
+def _adapt_model(model, num_classes: int, img_size: int, info: dict) -> None:
+    if not hasattr(model, "reset_classifier"):
+        raise ConfigError(f"model {info['config'].get('model')!r} has no reset_classifier(); it cannot be fine-tuned")
+    try:
+        model.reset_classifier(num_classes, zero_init=True)
+    except TypeError:
+        model.reset_classifier(num_classes)
+    if img_size != info["img_size"]:
+        if not hasattr(model, "set_input_size"):
+            raise ConfigError(f"model {info['config'].get('model')!r} cannot change its input size "
+                              f"(no set_input_size); fine-tune at img_size={info['img_size']}")
+        model.set_input_size(img_size)
+
+
+def _matching_config(cfg: TrainConfig, model) -> TrainConfig:
+    """`cfg` whose create_model rebuilds exactly `model`'s tensors (a pre-training MLP head
+    becomes 'linear' after reset_classifier)."""
+    def shapes(m):
+        return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+    want = shapes(model)
+    with torch.device("meta"):
+        got = shapes(build_model_from_config(cfg.to_dict()))
+    if got != want and cfg.model_kwargs.get("head", "linear") != "linear":
+        cfg = dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, "head": "linear"})
+        with torch.device("meta"):
+            got = shapes(build_model_from_config(cfg.to_dict()))
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()))[:6]
+        raise CheckpointError(f"internal: the fine-tuned {cfg.model} cannot be rebuilt from its config ({diff})")
+    return cfg
+
+
+# ---------------------------------------------------------------------------- prediction
+def _read_image(path: str | Path, in_chans: int) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"image {str(p)!r} does not exist; pass paths of image files (JPEG, PNG, ...)")
+    try:
+        with Image.open(p) as im:
+            im = im.convert("L" if in_chans == 1 else "RGB")
+            arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            h, w = im.height, im.width
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {str(p)!r} ({type(e).__name__}: {e}); pass a valid image file") from None
+    c = 1 if in_chans == 1 else 3
+    x = arr.view(h, w, c).permute(2, 0, 1).contiguous()
+    if in_chans not in (1, 3):
+        raise DataError(f"the model takes {in_chans}-channel images; predict reads grey (1) or RGB (3) images only")
+    return x
+
+
+@torch.no_grad()
+def predict(checkpoint: str | Path, images: Sequence[str | Path], topk: int = 5, which: str = "last",
+            ema: bool | None = None, device: str = "cpu") -> list[dict]:
+    """Top-k classes with probabilities for each image file, with the evaluation
+    preprocessing the model was trained with (resize to its size, its normalisation)."""
+    from ..data import AugmentConfig, BatchTransform
+    from .distributed import resolve_device
+
+    if isinstance(images, (str, Path)):
+        images = [images]
+    if not images:
+        raise ConfigError("no image given; pass one or more image files")
+    if topk < 1:
+        raise ConfigError(f"topk={topk} must be at least 1")
+    model, info = load_model(checkpoint, which=which, ema=ema)
+    dev = resolve_device(device)
+    model.to(dev)
+    k = info["num_classes"]
+    names = list(info.get("class_names") or [str(i) for i in range(k)])
+    tf = BatchTransform(AugmentConfig(img_size=info["img_size"]), info["mean"], info["std"], k, train=False)
+    batch = [tf(_read_image(p, info["in_chans"])[None], torch.zeros(1, dtype=torch.int64))[0] for p in images]
+    probs = model(torch.cat(batch).to(dev)).float().softmax(dim=-1).cpu()
+    top = probs.topk(min(topk, k), dim=-1)
+    return [{"image": str(p), "top": [{"class": names[int(i)], "index": int(i), "prob": float(v)}
+                                      for v, i in zip(top.values[n], top.indices[n])]}
+            for n, p in enumerate(images)]

@@ -1,0 +1,101 @@
+"""Optimizers, parameter groups and the learning-rate schedule.
+
+The paper pre-trains with Adam (beta1 0.9, beta2 0.999, weight decay 0.1) and fine-tunes with
+SGD momentum 0.9, both with a linear warmup then cosine (or linear) decay, stepped per
+optimizer step. Weight decay shrinks weights towards zero; applying it to LayerNorm gains,
+biases, position embeddings or the class token only biases them, so those get none.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weight matrices/kernels, and everything with ndim <= 1 or named by
+    `model.no_weight_decay()` (norms, biases, position embeddings, class token) without decay."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    decay_names, no_decay_names = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name in skip:
+            no_decay.append(p)
+            no_decay_names.append(name)
+        else:
+            decay.append(p)
+            decay_names.append(name)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay, "param_names": decay_names})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "param_names": no_decay_names})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    device_type = next(model.parameters()).device.type
+    # fused kernels on GPU; the multi-tensor (foreach) path on CPU, which is deterministic
+    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **fast)
+    if cfg.optimizer == "adam":
+        # the paper's "Adam with weight decay 0.1": L2 added to the gradient (torch Adam semantics)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), **fast)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **fast)
+    raise ValueError(cfg.optimizer)
+
+
+def lr_at(step: int, *, base_lr: float, min_lr: float, total_steps: int, warmup_steps: int,
+          schedule: str = "cosine") -> float:
+    """Learning rate for optimizer step `step` (0-based).
+
+    Warmup: linear from base_lr/warmup_steps up to base_lr over `warmup_steps` steps. Then
+    cosine: min_lr + (base_lr - min_lr) * (1 + cos(pi * t)) / 2, or linear:
+    base_lr - (base_lr - min_lr) * t, with t going from 0 to 1 over the remaining steps.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    decay_steps = max(total_steps - warmup_steps, 1)
+    t = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    if schedule == "linear":
+        return base_lr - (base_lr - min_lr) * t
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class ModelEma:
+    """Exponential moving average of the weights: ema = decay * ema + (1 - decay) * w after
+    every optimizer step (floating tensors; integer buffers are copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_f, cur_f = [], []
+        for (_, e), (_, c) in zip(self.module.state_dict().items(), model.state_dict().items()):
+            if e.is_floating_point():
+                ema_f.append(e)
+                cur_f.append(c.detach())
+            else:
+                e.copy_(c)
+        if ema_f:
+            torch._foreach_lerp_(ema_f, cur_f, 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.module.load_state_dict(sd)

@@ -1,0 +1,150 @@
+"""What a run leaves behind and shows: metrics.jsonl, steps.jsonl, TensorBoard events,
+train.log, curves.png, and the progress bar / log lines on the terminal."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def progress_allowed() -> bool:
+    """A live bar only on a terminal, never in CI (CI=true) or when output is piped."""
+    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+        return False
+    return sys.stderr.isatty()
+
+
+class RunLog:
+    """Rank 0's writer for one run directory (every method is a no-op elsewhere)."""
+
+    def __init__(self, run_dir: Path | None, enabled: bool, tensorboard: bool, verbose: bool = True):
+        self.run_dir = run_dir
+        self.enabled = enabled and run_dir is not None
+        self.verbose = verbose and enabled
+        self.writer = None
+        self._bar = None
+        if self.enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir))
+
+    # ------------------------------------------------------------ text
+    def line(self, text: str) -> None:
+        if not self.enabled and not self.verbose:
+            return
+        stamp = time.strftime("%H:%M:%S")
+        if self.verbose:
+            if self._bar is not None:
+                self._bar.console.print(text, highlight=False)
+            else:
+                print(text, flush=True)
+        if self.enabled:
+            with open(self.run_dir / "train.log", "a") as f:
+                f.write(f"{stamp} {text}\n")
+
+    # ------------------------------------------------------------ records
+    def metrics(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if k not in ("epoch", "step") and isinstance(v, (int, float)) and v is not None:
+                    group = "val" if k.startswith("val_") else "train" if k.startswith("train_") else "misc"
+                    self.writer.add_scalar(f"{group}/{k}", v, record["step"])
+
+    def steps(self, rows: list[dict]) -> None:
+        if not self.enabled or not rows:
+            return
+        with open(self.run_dir / "steps.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        if self.writer is not None:
+            for r in rows:
+                self.writer.add_scalar("train/step_loss", r["loss"], r["step"])
+                self.writer.add_scalar("train/lr", r["lr"], r["step"])
+            self.writer.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: forget records written after the checkpoint being resumed."""
+        if not self.enabled:
+            return
+        for name in ("metrics.jsonl", "steps.jsonl"):
+            path = self.run_dir / name
+            if path.is_file():
+                keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+                path.write_text("".join(ln + "\n" for ln in keep))
+
+    # ------------------------------------------------------------ progress bar
+    def start_bar(self, total: int, completed: int, description: str, allowed: bool) -> None:
+        if not (self.verbose and allowed and progress_allowed()):
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                             transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total, completed=completed, info="")
+
+    def update_bar(self, completed: int, info: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=completed, info=info)
+
+    def stop_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def close(self) -> None:
+        self.stop_bar()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    """curves.png: training/validation loss and validation accuracy against epochs."""
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["epoch"] for r in records]
+    has_acc = any(r.get("val_acc") is not None for r in records)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 3.6))
+    ax = axes[0] if has_acc else axes
+    ax.plot(x, [r.get("train_loss") for r in records], marker=".", label="train")
+    ax.plot(x, [r.get("val_loss") for r in records], marker=".", label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if has_acc:
+        ax = axes[1]
+        ax.plot(x, [100 * r["val_acc"] if r.get("val_acc") is not None else None for r in records],
+                marker=".", color="tab:green")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("validation accuracy")
+        ax.grid(alpha=0.3)
+    fig.suptitle(run_dir.name, fontsize=9)
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
