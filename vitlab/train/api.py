@@ -193,6 +193,10 @@ def finetune(checkpoint: str | Path, dataset: str, img_size: int | None = None, 
 
 
 def _adapt_model(model, num_classes: int, img_size: int, info: dict) -> None:
+    # modules that only served a pre-training objective (e.g. MPP's head and [MASK] token)
+    for name in getattr(model, "pretraining_heads", ()):
+        delattr(model, name)
+    model.pretraining_heads = ()
     if not hasattr(model, "reset_classifier"):
         raise ConfigError(f"model {info['config'].get('model')!r} has no reset_classifier(); it cannot be fine-tuned")
     try:

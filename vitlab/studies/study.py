@@ -1,0 +1,424 @@
+"""`vitlab study NAME`: the papers' experiments as resumable grids of training runs.
+
+A study is a list of runs (`RunSpec`: a name, TrainConfig overrides and the grid values
+shown in the table) built from a few size parameters with small defaults (8x8 digits, tiny
+models, a few epochs: minutes on 2 CPU cores) that `--dataset`, `--epochs` and `key=value`
+overrides scale up for real hardware.
+
+Runs live in `<out>/runs/<run name>/` and are executed in order. A run whose summary.json
+says `finished` is never redone; a run with a checkpoint but no finished summary is resumed
+from it (the engine continues bit for bit on CPU); a run directory without a checkpoint is
+started again. So an interrupted study resumes by running the same command again, and ends
+with the same table as an uninterrupted one. Under `torchrun --nproc-per-node N -m vitlab
+study ...` every process trains its own share of the runs (run i on process i mod N, one
+process per run at a time); process 0 writes the table once every run is finished.
+
+Outputs: table.csv and table.md (one row per run: the grid values, training-set size,
+images seen, parameters, forward FLOPs per image, training FLOPs = counted forward+backward
+FLOPs per image x images seen, final and best validation accuracy), plot.png and meta.json
+(command, machine, wall times). Wall times are kept out of the table, which depends only on
+the runs' results.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ConfigError, did_you_mean
+
+
+class StudyIncomplete(ConfigError):
+    """A run stopped early (e.g. max_steps): the study can be continued, not tabulated yet."""
+
+
+# ----------------------------------------------------------------------------- specs
+@dataclass
+class RunSpec:
+    name: str                                   # directory under <out>/runs
+    overrides: dict[str, Any]                   # TrainConfig fields of this run
+    columns: dict[str, Any]                     # grid values shown in the table
+    init_from: str | None = None                # fine-tune from this run's final weights (a run of the study)
+
+
+@dataclass
+class Study:
+    name: str
+    description: str
+    claim: str                                  # what the paper says, for the README/meta
+    params: dict[str, Any]                      # size parameters and their small defaults
+    build: Callable[[dict], list[RunSpec]]
+    plot: Callable[[list[dict], dict, Path], None]
+    base: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields common to every run
+
+
+STUDIES: dict[str, Study] = {}
+
+
+def register_study(study: Study) -> Study:
+    STUDIES[study.name] = study
+    return study
+
+
+def get_study(name: str) -> Study:
+    from . import presets  # noqa: F401  (registers the built-in studies)
+
+    if name not in STUDIES:
+        raise ConfigError(f"unknown study {name!r}.{did_you_mean(name, STUDIES)} "
+                          f"Built-in studies: {', '.join(STUDIES)}.")
+    return STUDIES[name]
+
+
+# ----------------------------------------------------------------------------- parameters
+def _parse_value(text: str, default: Any, key: str) -> Any:
+    import yaml
+
+    if isinstance(default, (list, tuple)):
+        items = [t.strip() for t in str(text).strip("[]").split(",") if t.strip()]
+        elem = default[0] if default else ""
+        return [_parse_value(t, elem, key) for t in items]
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        v = text
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise ConfigError(f"study option {key}={text!r} must be true or false")
+        return v
+    if isinstance(default, int) and not isinstance(default, bool):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"study option {key}={text!r} must be an integer") from None
+        if not f.is_integer():
+            raise ConfigError(f"study option {key}={text!r} must be an integer")
+        return int(f)
+    if isinstance(default, float):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"study option {key}={text!r} must be a number") from None
+    return v if not isinstance(v, (int, float)) or isinstance(default, (int, float)) or default is None \
+        else str(text)
+
+
+def resolve_params(study: Study, overrides: list[str] | dict | None = None, dataset: str | None = None,
+                   epochs: int | None = None) -> tuple[dict, dict]:
+    """(study parameters, TrainConfig fields for every run) from `key=value` overrides.
+
+    Study parameters are the keys of `study.params` (lists take comma-separated values);
+    `train.FIELD=value` sets a TrainConfig field of every run (e.g. train.batch_size=256,
+    train.data_dir=/data); `--dataset`/`--epochs` set the usual two."""
+    params = dict(study.params)
+    train: dict[str, Any] = {}
+    items = overrides.items() if isinstance(overrides, dict) else \
+        [tuple(o.split("=", 1)) if "=" in o else (o, None) for o in (overrides or [])]
+    for key, value in items:
+        if value is None:
+            raise ConfigError(f"study override {key!r} is not of the form key=value (e.g. epochs=5)")
+        key = key.strip()
+        if key.startswith("train."):
+            train[key[len("train."):]] = value
+            continue
+        if key not in params:
+            raise ConfigError(f"study {study.name!r} has no option {key!r}.{did_you_mean(key, params)} "
+                              f"Its options: {', '.join(sorted(params))}; or train.FIELD=VALUE for any "
+                              f"training option")
+        params[key] = _parse_value(value, study.params[key], key) if isinstance(value, str) else value
+    if dataset is not None:
+        params["dataset"] = dataset
+    if epochs is not None:
+        params["epochs"] = int(epochs)
+    if int(params.get("epochs", 1)) < 1:
+        raise ConfigError(f"epochs={params['epochs']} must be at least 1")
+    return params, train
+
+
+# ----------------------------------------------------------------------------- running
+def _run_dir(out: Path, spec: RunSpec) -> Path:
+    return out / "runs" / spec.name
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    try:
+        s = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return s if s.get("finished") else None
+
+
+def make_config(study: Study, params: dict, train: dict, spec: RunSpec, out: Path, session: dict | None = None):
+    from ..train.config import TrainConfig, apply_overrides
+
+    cfg = TrainConfig(progress=False, tensorboard=False)
+    fields = {**study.base, "dataset": params.get("dataset", "digits"), "epochs": int(params.get("epochs", 1)),
+              **spec.overrides}
+    cfg = apply_overrides(cfg, fields)
+    # train.FIELD overrides: text from the command line is parsed like `vitlab train key=value`
+    cfg = apply_overrides(cfg, {k: v for k, v in train.items() if not isinstance(v, str)})
+    cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in train.items() if isinstance(v, str)])
+    cfg = dataclasses.replace(cfg, out=str(out / "runs"), name=spec.name)
+    for k, v in (session or {}).items():
+        cfg = dataclasses.replace(cfg, **{k: v})
+    return cfg
+
+
+def train_run(cfg, bundle=None, model=None):
+    """One training run through the engine (a seam the tests interrupt)."""
+    from ..train.engine import fit
+
+    return fit(cfg, model=model, bundle=bundle, verbose=False).summary
+
+
+def _pretrained_model(out: Path, spec: RunSpec, bundle):
+    """The weights of run `spec.init_from`, made ready for supervised fine-tuning on `bundle`."""
+    from ..train.checkpoint import load_model
+    from .mpp import strip_pretraining_heads
+
+    src = out / "runs" / spec.init_from
+    if read_summary(src) is None:
+        raise ConfigError(f"run {spec.name!r} fine-tunes {spec.init_from!r}, which has not finished; run the "
+                          f"study again (runs are executed in order)")
+    model, _ = load_model(src)
+    model = strip_pretraining_heads(model)
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(int(bundle.num_classes))  # the paper's zero-initialised linear head
+    return model.train()
+
+
+def execute_run(study: Study, params: dict, train: dict, spec: RunSpec, out: Path,
+                session: dict | None = None, log=print) -> dict:
+    """Run (or resume, or skip) one run; returns its finished summary."""
+    from ..train.engine import load_data
+
+    run_dir = _run_dir(out, spec)
+    done = read_summary(run_dir)
+    if done is not None:
+        log(f"[{study.name}] {spec.name}: done (val_acc {done.get('val_acc')})")
+        return done
+    cfg = make_config(study, params, train, spec, out, session)
+    model = None
+    if (run_dir / "checkpoints" / "last.json").is_file():
+        log(f"[{study.name}] {spec.name}: resuming from its checkpoint")
+        cfg = dataclasses.replace(cfg, resume=str(run_dir))
+        bundle = load_data(cfg)
+    else:
+        if run_dir.exists():  # started but killed before its first checkpoint: start again
+            shutil.rmtree(run_dir)
+        log(f"[{study.name}] {spec.name}: training")
+        bundle = load_data(cfg)
+        if cfg.objective == "mpp":  # the colour targets are computed from the original pixels
+            kw = dict(cfg.objective_kwargs)
+            kw.setdefault("pixel_mean", list(bundle.mean))
+            kw.setdefault("pixel_std", list(bundle.std))
+            cfg = dataclasses.replace(cfg, objective_kwargs=kw)
+        if spec.init_from:
+            model = _pretrained_model(out, spec, bundle)
+            cfg = dataclasses.replace(cfg, init_from=str(out / "runs" / spec.init_from))
+    t0 = time.perf_counter()
+    train_run(cfg, bundle=bundle, model=model)
+    extra = {"train_images": len(bundle.train.labels), "session_wall_s": round(time.perf_counter() - t0, 3)}
+    (run_dir / "study_run.json").write_text(json.dumps(extra, indent=1))
+    summary = read_summary(run_dir)
+    if summary is None:
+        raise StudyIncomplete(f"run {spec.name!r} stopped before its last epoch (max_steps?); its checkpoint is "
+                              f"kept: run the same study command again to continue")
+    return summary
+
+
+def forward_flops_per_image(cfg_dict: dict) -> int:
+    """Counted forward FLOPs of one image (model built on the meta device)."""
+    import torch
+
+    from ..flops import count_flops
+    from ..models import create_model
+    from ..train.config import TrainConfig
+
+    tc = TrainConfig.from_dict(cfg_dict, source="run config")
+    with torch.device("meta"):
+        model = create_model(tc.model, num_classes=tc.num_classes, img_size=tc.img_size, in_chans=tc.in_chans,
+                             **tc.model_overrides())
+    return count_flops(model, img_size=tc.img_size, in_chans=tc.in_chans)
+
+
+def training_flops_per_image(cfg_dict: dict) -> int:
+    """FLOPs of one training image: forward + backward = 3 x the counted forward FLOPs.
+
+    The backward pass of every product computes two gradients (input and weight), each as
+    expensive as the forward product. (Not PyTorch's backward count: FlopCounterMode counts a
+    grouped/depthwise convolution's backward as if it were dense, dozens of times too high
+    for ConvMixer and CvT; for a ViT 3F is exact up to the image's own gradient.)"""
+    return 3 * forward_flops_per_image(cfg_dict)
+
+
+def collect_row(out: Path, spec: RunSpec) -> dict:
+    import yaml
+
+    run_dir = _run_dir(out, spec)
+    s = read_summary(run_dir)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    extra = {}
+    try:
+        extra = json.loads((run_dir / "study_run.json").read_text())
+    except (OSError, ValueError):
+        pass
+    images_seen = int(s["steps"]) * int(cfg["batch_size"])
+    fwd = forward_flops_per_image(cfg)
+    fb = 3 * fwd  # see training_flops_per_image
+    row = {"run": spec.name, **spec.columns,
+           "train_images": extra.get("train_images"),
+           "images_seen": images_seen,
+           "params": s.get("params"),
+           "fwd_mflops_per_image": round(fwd / 1e6, 3),
+           "train_gflops": round(fb * images_seen / 1e9, 3),
+           "val_acc": None if s.get("val_acc") is None else round(float(s["val_acc"]), 4),
+           "best_val_acc": None if s.get("best_val_acc") is None else round(float(s["best_val_acc"]), 4)}
+    if cfg.get("objective") == "mpp":
+        row["val_loss"] = None if s.get("val_loss") is None else round(float(s["val_loss"]), 4)
+    row["_wall_s"] = s.get("wall_s")
+    return row
+
+
+def _dist() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_study(name: str, out: str | Path | None = None, overrides: list[str] | dict | None = None,
+              dataset: str | None = None, epochs: int | None = None, session: dict | None = None,
+              log=print, plot: bool = True, command: str | None = None) -> list[dict]:
+    """Run (or resume) every run of study `name` and write table.csv, table.md, plot.png and
+    meta.json into `out` (default results/NAME). Returns the table rows."""
+    study = get_study(name)
+    params, train = resolve_params(study, overrides, dataset, epochs)
+    out = Path(out or Path("results") / name)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = study.build(params)
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"study {name!r} produced duplicate run names; check its size overrides")
+    rank, world = _dist()
+    t0 = time.perf_counter()
+    if world > 1:
+        # one process per run: hide the launcher's world from the engine, so each run is a
+        # plain single-process run
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(k, None)
+        mine = specs[rank::world]
+        for spec in mine:
+            if spec.init_from:
+                _wait_for(out, spec.init_from, log)
+            execute_run(study, params, train, spec, out, session, log)
+        if rank != 0:
+            return []
+        for spec in specs:
+            _wait_for(out, spec.name, log)
+    else:
+        for spec in specs:
+            execute_run(study, params, train, spec, out, session, log)
+    rows = [collect_row(out, s) for s in specs]
+    write_outputs(study, params, train, rows, out, plot, command, time.perf_counter() - t0, world)
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+
+
+def _wait_for(out: Path, run_name: str, log, timeout_s: float = 7 * 24 * 3600) -> None:
+    t0 = time.time()
+    while read_summary(out / "runs" / run_name) is None:
+        if time.time() - t0 > timeout_s:
+            raise ConfigError(f"run {run_name!r} did not finish; run the study again")
+        time.sleep(2.0)
+
+
+# ----------------------------------------------------------------------------- outputs
+def table_columns(rows: list[dict]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if not k.startswith("_") and k not in cols:
+                cols.append(k)
+    return cols
+
+
+def to_csv(rows: list[dict]) -> str:
+    cols = table_columns(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in cols})
+    return buf.getvalue()
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def to_markdown(rows: list[dict]) -> str:
+    cols = table_columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{ncpu} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def write_outputs(study: Study, params: dict, train: dict, rows: list[dict], out: Path, plot: bool,
+                  command: str | None, wall: float, world: int) -> None:
+    from ..train.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "table.csv", to_csv(rows))
+    atomic_write_text(out / "table.md", f"# study `{study.name}`\n\n{study.description}\n\n" + to_markdown(rows))
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        study.plot(rows, params, out / "plot.png")
+    meta_path = out / "meta.json"
+    try:
+        prev = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        prev = {}
+    sessions = prev.get("sessions", []) + [{"command": command or " ".join(sys.argv), "wall_s": round(wall, 1),
+                                            "processes": world, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}]
+    meta = {"study": study.name, "description": study.description, "claim": study.claim,
+            "command": command or " ".join(["vitlab"] + sys.argv[1:]), "params": params,
+            "train_overrides": {k: str(v) for k, v in train.items()},
+            "machine": machine_description(),
+            "runs_wall_s": {r["run"]: r.get("_wall_s") for r in rows},
+            "total_run_wall_s": round(sum(r.get("_wall_s") or 0.0 for r in rows), 1),
+            "sessions": sessions}
+    atomic_write_text(meta_path, json.dumps(meta, indent=1, default=str))
+    wall_total = sum(x["wall_s"] for x in sessions)
+    readme = (f"# study `{study.name}`\n\n{study.description}\n\n**Paper's claim.** {study.claim}\n\n"
+              f"- command: `{meta['command']}`\n- machine: {meta['machine']}\n"
+              f"- wall time: {wall_total / 60:.1f} min over {len(sessions)} invocation(s) "
+              f"(training itself: {meta['total_run_wall_s'] / 60:.1f} min)\n\n"
+              + ("![plot](plot.png)\n\n" if plot else "") + to_markdown(rows))
+    atomic_write_text(out / "README.md", readme)
