@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from . import fast
 
 POS_EMBED_KINDS = ("none", "learned", "learned_2d", "sincos_1d", "sincos_2d", "relative")
 
@@ -181,24 +182,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x, return_attn: bool = False, bias: torch.Tensor | None = None):
+    def forward(self, x, return_attn: bool = False, bias: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None):
+        """`residual`, when given, is added to the output (fused into the output projection
+        where possible): `residual + attn(x)`."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = fast.linear(x, self.qkv).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = None
-        if return_attn:
-            logits = (q * self.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                logits = logits + bias.to(logits.dtype)
-            attn = logits.softmax(dim=-1)
-            dropped = F.dropout(attn, self.attn_drop, self.training) if self.attn_drop else attn
-            x = dropped @ v
-        else:
-            mask = bias.to(q.dtype)[None] if bias is not None else None
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               dropout_p=self.attn_drop if self.training else 0.0)
+        # explicit softmax(QK^T/sqrt(d))V when the probabilities are asked for, otherwise the
+        # fastest correct kernel for this device and shape (fast.attention)
+        x, attn = fast.attention(q, k, v, self.scale, bias, self.attn_drop, self.training, need_weights=return_attn)
         x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x)), attn
+        if residual is not None and not (self.training and self.proj_drop.p > 0):
+            return fast.linear(x, self.proj, residual=residual), attn
+        out = self.proj_drop(fast.linear(x, self.proj))
+        return (out if residual is None else residual + out), attn
 
 
 class Mlp(nn.Module):
@@ -209,8 +207,13 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+    def forward(self, x, residual: torch.Tensor | None = None):
+        """fc2(act(fc1(x))); with `residual`, `residual + mlp(x)` (the add fused into fc2 where possible)."""
+        x = self.drop(self.act(fast.linear(x, self.fc1)))
+        if residual is not None and not (self.training and self.drop.p > 0):
+            return fast.linear(x, self.fc2, residual=residual)
+        out = self.drop(fast.linear(x, self.fc2))
+        return out if residual is None else residual + out
 
 
 class Block(nn.Module):
@@ -226,6 +229,10 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x, return_attn: bool = False, bias: torch.Tensor | None = None):
+        if self.drop_path.p == 0.0 or not self.training:
+            # no stochastic depth: the residual adds ride on the output projections (fast.linear)
+            x, attn = self.attn(self.norm1(x), return_attn=return_attn, bias=bias, residual=x)
+            return self.mlp(self.norm2(x), residual=x), attn
         y, attn = self.attn(self.norm1(x), return_attn=return_attn, bias=bias)
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x)))

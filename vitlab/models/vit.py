@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import CheckpointError, ConfigError, did_you_mean
 from .layers import (POS_EMBED_KINDS, Block, PatchEmbed, RelativePositionBias, check_input, resample_1d,
@@ -57,6 +58,7 @@ class VisionTransformer(nn.Module):
         norm_eps: float = 1e-6,
         dynamic_img_size: bool = False,
         hybrid_stem: str | None = None,
+        grad_checkpointing: bool = False,
     ):
         """
         Args:
@@ -71,6 +73,9 @@ class VisionTransformer(nn.Module):
             dynamic_img_size: accept any image size divisible by the patch size at run time.
             hybrid_stem: name of a BiT ResNet stem ('r50_s32', 'r50_s16', ...) that turns the image
                 into a feature map; patches are then 1x1 on that map (the paper's hybrid).
+            grad_checkpointing: recompute each block in the backward pass instead of storing its
+                activations (less memory, about one more forward of compute); see
+                `set_grad_checkpointing`.
         """
         super().__init__()
         _choice("global_pool", global_pool, GLOBAL_POOLS)
@@ -94,6 +99,7 @@ class VisionTransformer(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
         self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = bool(grad_checkpointing)
         self.img_size = to_2tuple(img_size)
 
         if hybrid_stem is not None:
@@ -182,6 +188,10 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.head_kind = head or "linear"
         self._build_head(num_classes, self.head_kind, zero_init)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the encoder blocks (training with autograd only)."""
+        self.grad_checkpointing = bool(enable)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters excluded from weight decay (besides norms and biases)."""
@@ -274,7 +284,10 @@ class VisionTransformer(nn.Module):
         attentions, hidden = [], [z] if return_hidden else []
         for i, blk in enumerate(self.blocks):
             bias = self.rel_pos[i](grid) if self.rel_pos is not None else None
-            z, attn = blk(z, return_attn=return_attn, bias=bias)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled() and not return_attn:
+                z, attn = checkpoint(blk, z, False, bias, use_reentrant=False)
+            else:
+                z, attn = blk(z, return_attn=return_attn, bias=bias)
             if return_attn:
                 attentions.append(attn)
             if return_hidden:

@@ -1,0 +1,333 @@
+"""The README's speed table, measured in one run on this machine.
+
+    python benchmarks/speed_table.py            # full table + fast-path before/after, < 10 min on 2 cores
+    python benchmarks/speed_table.py --quick    # fewer steps, no compile row (a smoke run)
+
+Rows: ViT-S/16, ViT-B/16, CvT-13 (vs Hugging Face transformers, same config and weights) and
+ConvMixer-768/32 (vs the paper's definition written in plain PyTorch, `vitlab.bench.
+paper_convmixer`), inference and training steps, bf16, batch 32 at 224 px. Each row runs
+vitlab and the peer alternately in one process (median of the timed steps), so load from
+other processes hits both alike; TFLOP/s come from counted FLOPs and are compared with a
+bf16 matrix-product peak measured at the start of the run.
+
+A second table measures every fast path before and after, on the same shapes.
+Both tables and the run's facts (device, command, date) go to benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import vitlab
+from vitlab import bench
+from vitlab.models import fast
+
+ROWS = [("ViT-S/16", "vit_s16"), ("ViT-B/16", "vit_b16"), ("CvT-13", "cvt_13"), ("ConvMixer-768/32", "convmixer_768_32")]
+TARGETS = {("vit_s16", "infer"): 2.0, ("vit_s16", "train"): 1.5, ("cvt_13", "infer"): 2.0, ("cvt_13", "train"): 1.5}
+OUT = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- main table
+def main_table(args, peak: float) -> tuple[str, list[dict]]:
+    rows, lines = [], []
+    lines.append("| model | step | vitlab img/s | peer | peer img/s | vitlab / peer | target | vitlab TFLOP/s | "
+                 "vitlab % of peak | peer % of peak |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for label, name in ROWS:
+        if args.models and name not in args.models:
+            continue
+        compare = "paper" if name.startswith("convmixer") else "transformers"
+        for mode in ("infer", "train"):
+            steps = args.steps if mode == "infer" else args.train_steps
+            t0 = time.perf_counter()
+            res = bench.run_benchmark(name, mode=mode, batch_size=args.batch_size, img_size=224, dtype="bf16",
+                                      steps=steps, warmup=1, compare=compare, peak=peak, measure_memory=False)
+            ours, peer = res
+            ratio = statistics.median([b / a for a, b in zip(ours.times, peer.times)])
+            target = TARGETS.get((name, mode))
+            tgt = "-" if target is None else (f">= {target:g}x: " + ("met" if ratio >= target else "NOT met"))
+            lines.append(f"| {label} | {mode} | {ours.images_per_s:.1f} | {peer.impl} | {peer.images_per_s:.1f} | "
+                         f"{ratio:.2f}x | {tgt} | {ours.tflops:.3f} | {100 * ours.frac_peak:.1f} | "
+                         f"{100 * peer.frac_peak:.1f} |")
+            rows.append(dict(model=name, mode=mode, ours=ours.images_per_s, peer=peer.images_per_s, ratio=ratio))
+            log(f"  {label} {mode}: vitlab {ours.images_per_s:.1f} img/s, {peer.impl} {peer.images_per_s:.1f} "
+                f"img/s, {ratio:.2f}x ({time.perf_counter() - t0:.0f} s)")
+    return "\n".join(lines), rows
+
+
+# ----------------------------------------------------------------------------- fast paths
+def _alternate(fns: dict, steps: int) -> dict[str, float]:
+    ts = bench.time_alternating(fns, steps, 1)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def _row(lines, what, shape, before_label, before_s, after_label, after_s, unit_imgs=None, note=""):
+    if unit_imgs:
+        b, a = f"{unit_imgs / before_s:.1f} img/s", f"{unit_imgs / after_s:.1f} img/s"
+    else:
+        b, a = f"{1e3 * before_s:.1f} ms", f"{1e3 * after_s:.1f} ms"
+    lines.append(f"| {what} | {shape} | {before_label}: {b} | {after_label}: {a} | {before_s / after_s:.2f}x | {note} |")
+    log(f"  {what}: {before_s / after_s:.2f}x")
+
+
+def fast_path_table(args) -> str:
+    B, S = args.batch_size, 224
+    steps = args.steps
+    lines = ["| fast path | where | before | after | speed-up | note |", "|---|---|---|---|---|---|"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 3, S, S, generator=g)
+    y = torch.randint(0, 1000, (B,), generator=g)
+
+    # 1. glibc allocator: large tensors mmap'd and page-faulted every step (before) vs kept (after)
+    torch.manual_seed(0)
+    m = fast.optimize_for_inference(vitlab.create_model("vit_s16"))
+
+    def with_alloc(tuned):
+        def f():
+            if tuned:
+                fast.tune_cpu_allocator()
+            else:
+                fast.tune_cpu_allocator(128 << 10, 128 << 10)  # glibc's defaults
+            with torch.inference_mode():
+                m(x)
+        return f
+    r = _alternate({"default": with_alloc(False), "tuned": with_alloc(True)}, steps)
+    fast.tune_cpu_allocator()
+    _row(lines, "CPU allocator keeps freed memory (`tune_cpu_allocator`)", "ViT-S/16 infer", "glibc default",
+         r["default"], "tuned", r["tuned"], B, "process-wide: the peers in the main table get it too")
+
+    # 2. bf16 weights cast once vs float32 weights under autocast (everything else reference)
+    ref = vitlab.create_model("vit_s16").eval()
+
+    def autocast_fp32():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16), fast.reference_mode():
+            ref(x)
+
+    def bf16_weights():
+        with torch.inference_mode(), fast.reference_mode():
+            m(x)
+
+    def all_fast():
+        with torch.inference_mode():
+            m(x)
+    r = _alternate({"a": autocast_fp32, "b": bf16_weights, "c": all_fast}, steps)
+    _row(lines, "bf16 weights cast once (`optimize_for_inference`)", "ViT-S/16 infer", "fp32 + autocast", r["a"],
+         "bf16 weights", r["b"], B, "no per-call weight casts; bf16 norms/residuals")
+    _row(lines, "fused bias / residual add in the linear layers (oneDNN)", "ViT-S/16 infer", "F.linear + add",
+         r["b"], "fused", r["c"], B, "qkv is one fused projection in both")
+
+    # 3. attention kernels at ViT-S and ViT-B shapes
+    for label, heads in (("ViT-S/16", 6), ("ViT-B/16", 12)):
+        q, k, v = (torch.randn(B, heads, 197, 64, dtype=torch.bfloat16, generator=g) for _ in range(3))
+
+        def kern(kind):
+            def f():
+                fast.set_attention_kernel(kind)
+                with torch.inference_mode():
+                    fast.attention(q, k, v)
+            return f
+        r = _alternate({"matmul": kern("matmul"), "sdpa": kern("sdpa")}, steps + 2)
+        fast.set_attention_kernel("auto")
+        flops = 4 * B * heads * 197 * 197 * 64
+        best = min(r, key=r.get)
+        _row(lines, "attention kernel choice (`fast.attention`, auto-tuned per shape)", f"{label} attention, bf16",
+             "explicit matmul+softmax", r["matmul"], "SDPA", r["sdpa"], None,
+             f"auto picks {best}; SDPA {flops / r['sdpa'] / 1e12:.2f} TFLOP/s")
+
+    # 4. BN folding (CvT-13 inference) and channels-last + bf16 (ConvMixer)
+    torch.manual_seed(0)
+    cvt = vitlab.create_model("cvt_13").eval()
+    cvt_nofold = fast.optimize_for_inference(copy.deepcopy(cvt), fold_bn=False)
+    cvt_fold = fast.optimize_for_inference(copy.deepcopy(cvt))
+
+    def run_(model):
+        def f():
+            with torch.inference_mode():
+                model(x)
+        return f
+
+    def cvt_autocast():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16), fast.reference_mode():
+            cvt(x)
+    r = _alternate({"ac": cvt_autocast, "nofold": run_(cvt_nofold), "fold": run_(cvt_fold)}, steps)
+    _row(lines, "all inference fast paths", "CvT-13 infer", "fp32 + autocast (reference)", r["ac"], "vitlab",
+         r["fold"], B)
+    _row(lines, "BatchNorm folded into the q/k/v depthwise convs", "CvT-13 infer", "BN kept", r["nofold"],
+         "folded", r["fold"], B)
+    del cvt, cvt_nofold, cvt_fold
+
+    cm = vitlab.create_model("convmixer_768_32").eval()
+    cm_bf = fast.optimize_for_inference(copy.deepcopy(cm), channels_last=False)
+    cm_bf_cl = fast.optimize_for_inference(copy.deepcopy(cm), channels_last=True)
+
+    def cm_autocast():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+            cm(x)
+    r = _alternate({"ac": cm_autocast, "bf": run_(cm_bf), "cl": run_(cm_bf_cl)}, max(2, steps - 2))
+    _row(lines, "bf16 weights", "ConvMixer-768/32 infer", "fp32 + autocast (NCHW)", r["ac"], "bf16 NCHW", r["bf"], B)
+    _row(lines, "channels-last memory", "ConvMixer-768/32 infer", "bf16 NCHW", r["bf"], "bf16 channels-last",
+         r["cl"], B)
+    del cm, cm_bf, cm_bf_cl
+
+    # 5. training: bf16 master-weight training vs autocast; fused vs foreach AdamW; checkpointing
+    torch.manual_seed(0)
+    base = vitlab.create_model("vit_s16")
+    ac_model = copy.deepcopy(base).train()
+    ac_opt = torch.optim.AdamW(ac_model.parameters(), lr=1e-4, weight_decay=0.05, foreach=True)
+    bf_model = copy.deepcopy(base).train().to(torch.bfloat16)
+    bf_opt = fast.MasterWeightAdamW(bf_model.parameters(), lr=1e-4, weight_decay=0.05)
+    xb = x.bfloat16()
+
+    def train_ac():
+        with fast.reference_mode():
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = F.cross_entropy(ac_model(x).float(), y)
+            loss.backward()
+            ac_opt.step()
+            ac_opt.zero_grad(set_to_none=True)
+
+    def train_bf():
+        loss = F.cross_entropy(bf_model(xb).float(), y)
+        loss.backward()
+        bf_opt.step()
+        bf_opt.zero_grad(set_to_none=True)
+    r = _alternate({"ac": train_ac, "bf": train_bf}, args.train_steps)
+    _row(lines, "bf16 training with float32 master weights (`MasterWeightAdamW`)", "ViT-S/16 train step",
+         "fp32 weights + autocast, foreach AdamW", r["ac"], "bf16 + fp32 masters, fused AdamW", r["bf"], B)
+    del ac_model, ac_opt, bf_model, bf_opt
+
+    params = [p.detach().clone().requires_grad_(True) for p in base.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt_foreach = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    params2 = [p.detach().clone().requires_grad_(True) for p in params]
+    for p, q in zip(params2, params):
+        p.grad = q.grad.clone()
+    opt_fused = fast.fused_adamw(params2, lr=1e-4)
+    r = _alternate({"foreach": opt_foreach.step, "fused": opt_fused.step}, steps + 3)
+    _row(lines, "fused AdamW (`fused_adamw`)", "ViT-S/16 optimizer step (22M params)", "foreach", r["foreach"],
+         "fused", r["fused"])
+
+    ck = copy.deepcopy(base).train().to(torch.bfloat16)
+    ck_opt = fast.MasterWeightAdamW(ck.parameters(), lr=1e-4)
+
+    def train_ck(flag):
+        def f():
+            ck.set_grad_checkpointing(flag)
+            loss = F.cross_entropy(ck(xb).float(), y)
+            loss.backward()
+            ck_opt.step()
+            ck_opt.zero_grad(set_to_none=True)
+        return f
+    mem = {}
+    for flag in (False, True):
+        train_ck(flag)()
+        with bench.PeakMemory("cpu") as pm:
+            train_ck(flag)()
+        mem[flag] = pm.bytes
+    r = _alternate({"off": train_ck(False), "on": train_ck(True)}, args.train_steps)
+    fmt = lambda b: "?" if b is None else f"{b / 2**20:.0f} MB"  # noqa: E731
+    _row(lines, "activation checkpointing (memory option)", "ViT-S/16 train step", "off", r["off"], "on", r["on"], B,
+         f"peak tensor memory of a step {fmt(mem[False])} -> {fmt(mem[True])}")
+    del ck, ck_opt
+
+    # 6. data loading: the training batch transform vs the model's training step
+    model_ips = B / r["off"]
+    lps = bench.loader_throughput(224, B, src_size=256, steps=3)
+    lines.append(f"| loader keeps up (`BatchTransform`: random resized crop + flip + normalise) | 256 px uint8 -> "
+                 f"224 px, batch {B} | model train step: {model_ips:.1f} img/s | loader: {lps:.0f} img/s | "
+                 f"{lps / model_ips:.1f}x headroom | {'keeps up' if lps >= model_ips else 'STARVES the model'} |")
+    log(f"  loader {lps:.0f} img/s vs model {model_ips:.1f} img/s")
+
+    # 7. torch.compile of the blocks (inference) with its compile time
+    if not args.no_compile:
+        torch.manual_seed(0)
+        eager = fast.optimize_for_inference(vitlab.create_model("vit_s16"))
+        comp = copy.deepcopy(eager)
+        fast.compile_blocks(comp)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            comp(x)
+        compile_s = time.perf_counter() - t
+        r = _alternate({"eager": run_(eager), "compiled": run_(comp)}, steps)
+        _row(lines, "torch.compile of the blocks (`compile_blocks`)", "ViT-S/16 infer (bf16, fast eager paths)",
+             "eager", r["eager"], "compiled", r["compiled"], B,
+             f"compile time {compile_s:.0f} s; {'pays' if r['compiled'] < 0.95 * r['eager'] else 'does not pay here: off by default'}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- report
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps, no compile row")
+    ap.add_argument("--steps", type=int, default=None, help="timed inference steps per row (default 5)")
+    ap.add_argument("--train-steps", type=int, default=None, help="timed training steps per row (default 3)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--models", nargs="*", default=None, help="only these (vit_s16 vit_b16 cvt_13 convmixer_768_32)")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-fast-paths", action="store_true", help="only the main table")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (2 if args.quick else 5)
+    args.train_steps = args.train_steps or (1 if args.quick else 3)
+    args.no_compile = args.no_compile or args.quick
+
+    start = time.perf_counter()
+    tuned = fast.tune_cpu_allocator()
+    dev = torch.device("cpu")
+    peak = bench.matmul_peak(dev, torch.bfloat16)
+    peak32 = bench.matmul_peak(dev, torch.float32)
+    device = bench.describe_device(dev)
+    log(f"{device}: bf16 matmul peak {peak / 1e12:.2f} TFLOP/s, fp32 {peak32 / 1e12:.2f}")
+    table, _ = main_table(args, peak)
+    fp_table = "" if args.no_fast_paths else fast_path_table(args)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    cmd = "python benchmarks/speed_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    facts = (f"- device: {device}; torch {torch.__version__}, Python {platform.python_version()}\n"
+             f"- measured bf16 matmul peak: {peak / 1e12:.2f} TFLOP/s (fp32: {peak32 / 1e12:.2f}), 4096^2 "
+             f"(fp32: 2048^2) product, best of 5, at the start of the run\n"
+             f"- command: `{cmd.strip()}`; date: {date}; run time {time.perf_counter() - start:.0f} s; "
+             f"1-min load average at the end: {load:.1f}\n"
+             f"- batch {args.batch_size}, 224 px, bf16; median of {args.steps} inference / {args.train_steps} "
+             f"training steps after 1 warm-up, vitlab and peer alternating in one process; CPU allocator tuned "
+             f"(`tune_cpu_allocator`): {tuned}, for every implementation alike\n"
+             f"- vitlab: `optimize_for_inference` (bf16 weights, fused linear epilogues, auto-tuned attention, "
+             f"BN folding, channels-last for conv models) and bf16 training with float32 master weights and "
+             f"fused AdamW. Peers: float32 weights under bf16 autocast, SDPA attention (transformers' ViT; its "
+             f"CvT has no SDPA path), fused AdamW, channels-last for ConvMixer.")
+    gpu = ("| model | step | vitlab | timm (compiled) | transformers | % of bf16 matmul peak |\n|---|---|---|---|---|---|\n"
+           "| ViT-B/16 | train, bf16, 224 px | not yet measured | not yet measured | not yet measured | "
+           "not yet measured (target >= 45% on H100) |\n"
+           "| ViT-B/16 | infer, bf16, 224 px | not yet measured | not yet measured | not yet measured | "
+           "not yet measured (target: >= timm compiled) |")
+    report = (f"# vitlab speed on this machine\n\n{facts}\n\n## vitlab vs the well-known implementations (CPU)\n\n"
+              f"{table}\n")
+    if fp_table:
+        report += f"\n## Fast paths, before and after (CPU)\n\n{fp_table}\n"
+    report += (f"\n## GPU\n\nNo GPU was available to this run: the GPU rows are not yet measured. On a GPU run "
+               f"`vitlab bench --device cuda --model vit_b16 --mode train --compile --compare timm` and "
+               f"`... --compare transformers`.\n\n{gpu}\n")
+    print(report)
+    if not args.no_write:
+        OUT.write_text(report)
+        log(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""Every fast path computes the same function as the float32 reference code.
+
+bf16 paths are compared with the float32 reference by relative error (||a - b|| / ||b||)
+within what bf16 rounding allows (about 2**-8 per operation, a few 1e-3 through a small
+network; 2e-2 is the bound the speed work promised). float32 paths that only reorganise the
+computation (BN folding, checkpointing, fused AdamW, fused adds) must match much tighter.
+"""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vitlab
+from vitlab.models import fast
+
+BF16_TOL = 2e-2
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are 0/1: folding
+    them would prove nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+# ----------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("act", [None, "gelu", "relu"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_linear_matches_float32(act, with_residual):
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 96)
+    x = torch.randn(3, 17, 48)
+    res = torch.randn(3, 17, 96) if with_residual else None
+    ref = F.linear(x, layer.weight, layer.bias)
+    ref = {None: ref, "gelu": F.gelu(ref), "relu": F.relu(ref)}[act]
+    if with_residual:
+        ref = ref + res
+    lb = copy.deepcopy(layer).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = fast.linear(x.bfloat16(), lb, act=act, residual=None if res is None else res.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert rel(out, ref) < 1e-2
+    # the fp32 path (not eligible for oneDNN) is the plain computation
+    assert torch.allclose(fast.linear(x, layer, act=act, residual=res), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_linear_gradients_match_float32(with_residual):
+    """With autograd the fused forward runs inside a custom Function: its gradients (input,
+    weight, bias, residual) must be the reference ones."""
+    torch.manual_seed(15)
+    layer = nn.Linear(32, 24)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    res = torch.randn(2, 5, 24, requires_grad=True) if with_residual else None
+    g = torch.randn(2, 5, 24)
+    out = F.linear(x, layer.weight, layer.bias) + (res if with_residual else 0)
+    out.backward(g)
+    ref = [x.grad, layer.weight.grad, layer.bias.grad] + ([res.grad] if with_residual else [])
+    lb = copy.deepcopy(layer).to(torch.bfloat16)
+    lb.zero_grad()
+    xb = x.detach().bfloat16().requires_grad_(True)
+    rb = res.detach().bfloat16().requires_grad_(True) if with_residual else None
+    fast.linear(xb, lb, residual=rb).backward(g.bfloat16())
+    got = [xb.grad, lb.weight.grad, lb.bias.grad] + ([rb.grad] if with_residual else [])
+    for a, b in zip(got, ref):
+        assert a is not None and a.shape == b.shape
+        assert rel(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("kernel", ["auto", "sdpa", "matmul"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_kernels_match_reference(kernel, with_bias):
+    torch.manual_seed(1)
+    B, H, N, d = 2, 3, 21, 16
+    q, k, v = (torch.randn(B, H, N, d) for _ in range(3))
+    bias = torch.randn(H, N, N) if with_bias else None
+    # independent reference: per-head softmax(QK^T/sqrt(d) + b) V written out
+    logits = torch.einsum("bhnd,bhmd->bhnm", q, k) / d ** 0.5 + (bias if with_bias else 0)
+    ref = torch.einsum("bhnm,bhmd->bhnd", logits.softmax(-1), v)
+    fast.set_attention_kernel(kernel)
+    try:
+        with torch.inference_mode():
+            out32, _ = fast.attention(q, k, v, bias=bias)
+            out16, _ = fast.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias=bias)
+    finally:
+        fast.set_attention_kernel("auto")
+    assert rel(out32, ref) < 1e-5
+    assert rel(out16, ref) < BF16_TOL
+
+
+def test_attention_returns_probabilities_when_asked():
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 2, 9, 8) for _ in range(3))
+    out, attn = fast.attention(q, k, v, need_weights=True)
+    assert attn.shape == (2, 2, 9, 9)
+    assert torch.allclose(attn.sum(-1), torch.ones(2, 2, 9), atol=1e-5)
+    assert torch.allclose(out, attn @ v, atol=1e-6)
+    assert fast.attention(q, k, v)[1] is None
+
+
+def test_unknown_attention_kernel_is_a_config_error():
+    with pytest.raises(vitlab.ConfigError, match="sdpa"):
+        fast.set_attention_kernel("flash3")
+
+
+# ----------------------------------------------------------------------------- models
+def _vit():
+    torch.manual_seed(0)
+    m = vitlab.create_model("vit_nano_p2", num_classes=10, img_size=8).eval()
+    with torch.no_grad():  # a non-zero head so logits are not all bias
+        m.head.weight.normal_(0, 0.2)
+    return m
+
+
+def test_vit_inference_fast_path_matches_float32_and_keeps_attention():
+    model = _vit()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.inference_mode():
+        ref = model.forward_intermediates(x)
+    fastm = fast.optimize_for_inference(copy.deepcopy(model), "bf16")
+    assert all(p.dtype == torch.bfloat16 for p in fastm.parameters())
+    with torch.inference_mode():
+        logits = fastm(x)  # float32 images are cast by the model's pre-hook
+        inter = fastm.forward_intermediates(x)
+    assert logits.dtype == torch.bfloat16
+    assert rel(logits, ref["logits"]) < BF16_TOL
+    assert rel(inter["logits"], ref["logits"]) < BF16_TOL
+    # analysis still gets per-layer attention probabilities from the fast model
+    assert len(inter["attentions"]) == len(ref["attentions"]) == len(model.blocks)
+    for a, b in zip(inter["attentions"], ref["attentions"]):
+        assert a.shape == b.shape
+        assert torch.allclose(a.float().sum(-1), torch.ones(a.shape[:-1]), atol=2e-2)
+        assert (a.float() - b).abs().max() < 2e-2
+
+
+def test_reference_mode_is_the_plain_computation():
+    model = _vit()
+    x = torch.randn(2, 3, 8, 8)
+    fastm = fast.optimize_for_inference(copy.deepcopy(model), "bf16")
+    with torch.inference_mode():
+        a = fastm(x)
+        with fast.reference_mode():
+            b = fastm(x)
+    assert rel(a, b) < BF16_TOL and rel(b, model(x)) < BF16_TOL
+
+
+def test_fast_paths_do_not_hide_flops():
+    """FLOPs counted on a bf16 CPU model (where fast paths would run) equal the meta count."""
+    from vitlab.flops import count_flops
+
+    fastm = fast.optimize_for_inference(_vit(), "bf16")
+    with torch.device("meta"):
+        meta = vitlab.create_model("vit_nano_p2", num_classes=10, img_size=8)
+    assert count_flops(fastm, img_size=8) == count_flops(meta, img_size=8) > 0
+
+
+def test_fold_batchnorm_is_exact_in_float32():
+    torch.manual_seed(3)
+    model = vitlab.create_model("cvt_tiny", num_classes=10, img_size=32).eval()
+    _randomise_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        folded = copy.deepcopy(model)
+        n = fast.fold_batchnorm(folded)
+        out = folded(x)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert n == n_bn > 0  # every q/k/v projection's BN follows its conv
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert rel(out, ref) < 1e-5
+
+
+def test_cvt_inference_fast_path_matches_float32():
+    torch.manual_seed(4)
+    model = vitlab.create_model("cvt_tiny", num_classes=10, img_size=32).eval()
+    _randomise_bn(model)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        ref_attn = model.forward_intermediates(x)["attentions"]
+    fastm = fast.optimize_for_inference(copy.deepcopy(model), torch.bfloat16)
+    assert fastm.inference_channels_last
+    with torch.inference_mode():
+        out = fastm(x)
+        attn = fastm.forward_intermediates(x)["attentions"]
+    assert rel(out, ref) < BF16_TOL
+    assert [a.shape for a in attn] == [a.shape for a in ref_attn]
+
+
+def test_convmixer_channels_last_bf16_matches_float32():
+    torch.manual_seed(5)
+    model = vitlab.create_model("convmixer_256_8", num_classes=10, img_size=32).eval()
+    _randomise_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    fastm = fast.optimize_for_inference(copy.deepcopy(model))
+    assert fastm.patch_embed.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = fastm(x)
+    assert rel(out, ref) < BF16_TOL
+
+
+def test_paper_convmixer_reference_computes_vitlabs_function():
+    """The benchmark's plain-PyTorch ConvMixer (written from the paper) with vitlab's weights
+    gives vitlab's outputs: the speed comparison compares the same function."""
+    from vitlab.bench import copy_weights_in_order, paper_convmixer
+
+    torch.manual_seed(6)
+    model = vitlab.create_model("convmixer_256_8", num_classes=10, img_size=32).eval()
+    _randomise_bn(model)
+    peer = paper_convmixer(256, 8, kernel_size=5, patch_size=2, num_classes=10, act="gelu").eval()
+    copy_weights_in_order(model, peer)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel(peer(x), model(x)) < 1e-5
+
+
+def test_benchmark_pair_with_transformers_has_the_same_function():
+    pytest.importorskip("transformers")
+    from vitlab.bench import build_pair
+
+    torch.manual_seed(7)
+    pair = build_pair("vit_nano_p2", "transformers", num_classes=10, img_size=8)
+    pair.ours.eval(), pair.peer.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel(pair.ours(x), pair.peer_forward(x)) < 1e-4
+    # (transformers cannot build a CvT with a stage i of depth <= i, like cvt_tiny: use CvT-13 at 64 px)
+    pair = build_pair("cvt_13", "transformers", num_classes=10, img_size=64)
+    pair.ours.eval(), pair.peer.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel(pair.ours(x), pair.peer_forward(x)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- training
+def _train_steps(model, opt, x, y, steps, autocast_dtype=None):
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_master_weight_bf16_training_follows_float32_training():
+    torch.manual_seed(8)
+    ref = vitlab.create_model("vit_nano_p2", num_classes=10, img_size=8)
+    init = [p.detach().clone() for p in ref.parameters()]
+    bf = copy.deepcopy(ref).to(torch.bfloat16)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    ref_losses = _train_steps(ref, torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.05), x, y, 5)
+    opt = fast.MasterWeightAdamW(bf.parameters(), lr=3e-3, weight_decay=0.05)
+    bf_losses = _train_steps(bf, opt, x.bfloat16(), y, 5)
+    assert ref_losses[-1] < 0.8 * ref_losses[0]
+    for a, b in zip(bf_losses, ref_losses):
+        assert abs(a - b) / abs(b) < 1e-2
+    # the float32 masters carry the update; the bf16 weights are their rounding
+    for m, p in zip(opt.master_params, bf.parameters()):
+        assert m.dtype == torch.float32 and p.dtype == torch.bfloat16
+        assert torch.equal(p, m.to(torch.bfloat16))
+    # the whole update points where float32 training's does (single small-gradient entries
+    # may differ: Adam normalises each by its own gradient scale, as under autocast)
+    d_ref = torch.cat([(p.detach() - i).flatten() for p, i in zip(ref.parameters(), init)])
+    d_bf = torch.cat([(m.detach() - i).flatten() for m, i in zip(opt.master_params, init)])
+    assert F.cosine_similarity(d_ref, d_bf, 0) > 0.99
+    with torch.no_grad():
+        assert rel(bf(x.bfloat16()), ref(x)) < BF16_TOL
+
+
+def test_fused_adamw_is_the_same_update():
+    torch.manual_seed(9)
+    a = vitlab.create_model("vit_nano_p2", num_classes=10, img_size=8)
+    b = copy.deepcopy(a)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    _train_steps(a, torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.05, foreach=False), x, y, 3)
+    opt = fast.fused_adamw(b.parameters(), lr=1e-2, weight_decay=0.05)
+    assert opt.defaults.get("fused") or opt.defaults.get("foreach")
+    _train_steps(b, opt, x, y, 3)
+    # Same function after training. (Parameters are compared through it: the key bias of
+    # attention has an exactly-zero true gradient, softmax being shift-invariant, so Adam
+    # turns rounding noise into full-size steps there, differently per implementation, with
+    # no effect on any output.)
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x), atol=1e-5, rtol=1e-4)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if not name.endswith("qkv.bias"):
+            assert torch.allclose(pa, pb, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("name,img", [("vit_nano_p2", 8), ("cvt_tiny", 32), ("convmixer_256_8", 16)])
+def test_grad_checkpointing_gives_the_same_gradients(name, img):
+    torch.manual_seed(10)
+    model = vitlab.create_model(name, num_classes=10, img_size=img).train()
+    ckpt = copy.deepcopy(model)
+    keys = list(ckpt.state_dict())
+    fast.set_grad_checkpointing(ckpt, True)
+    assert list(ckpt.state_dict()) == keys  # checkpoints still load
+    x, y = torch.randn(4, 3, img, img), torch.randint(0, 10, (4,))
+    for m in (model, ckpt):
+        torch.manual_seed(11)  # same stochastic depth draws
+        F.cross_entropy(m(x), y).backward()
+    for (n, p), q in zip(model.named_parameters(), ckpt.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), n
+    fast.set_grad_checkpointing(ckpt, False)
+    assert not getattr(ckpt, "grad_checkpointing", False)
+
+
+def test_vit_grad_checkpointing_constructor_option():
+    model = vitlab.create_model("vit_nano_p2", num_classes=10, img_size=8, grad_checkpointing=True)
+    assert model.grad_checkpointing
+    model.set_grad_checkpointing(False)
+    assert not model.grad_checkpointing
+
+
+# ----------------------------------------------------------------------------- bench
+def test_run_benchmark_reports_consistent_numbers():
+    pytest.importorskip("transformers")
+    from vitlab.bench import run_benchmark
+
+    for mode in ("infer", "train"):
+        rs = run_benchmark("vit_nano_p2", mode=mode, batch_size=2, img_size=8, steps=2, warmup=1,
+                           compare="transformers", num_classes=10, peak=1e12)
+        assert [r.impl for r in rs] == ["vitlab", "transformers"]
+        for r in rs:
+            assert r.flops_per_step > 0 and r.step_s > 0
+            assert r.images_per_s == pytest.approx(2 / r.step_s)
+            assert r.tflops == pytest.approx(r.flops_per_step / r.step_s / 1e12)
+            assert r.frac_peak == pytest.approx(r.tflops)  # peak given as 1 TFLOP/s
+    # a training step counts forward + backward: about 3x the forward
+    fwd = rs[0].flops_per_step
+    from vitlab.bench import count_step_flops
+    assert 2.5 * count_step_flops("vit_nano_p2", "infer", 2, 8, 10) < fwd < 3.5 * count_step_flops(
+        "vit_nano_p2", "infer", 2, 8, 10)
+
+
+def test_matmul_peak_is_measured():
+    from vitlab.bench import matmul_peak
+
+    assert matmul_peak("cpu", torch.float32, size=256, reps=2) > 1e8
+
+
+def test_cli_bench_timm_without_timm_is_one_clear_error():
+    try:
+        import timm  # noqa: F401
+        pytest.skip("timm is installed here")
+    except ImportError:
+        pass
+    r = subprocess.run([sys.executable, "-m", "vitlab", "bench", "--model", "vit_nano_p2", "--compare", "timm",
+                        "--batch-size", "1", "--steps", "1", "--warmup", "0"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "timm is not installed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tune_cpu_allocator_reports_whether_it_applied():
+    assert fast.tune_cpu_allocator() in (True, False)
+
+
+def test_cvt_training_fast_paths_give_the_reference_gradients():
+    """CvT's attention runs through vitlab.models.fast too: with autograd, the fast paths
+    (auto-tuned attention kernel, fused residuals) give the reference gradients."""
+    torch.manual_seed(12)
+    model = vitlab.create_model("cvt_tiny", num_classes=10, img_size=32).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    grads = []
+    for ref in (True, False):
+        model.zero_grad()
+        torch.manual_seed(13)
+        ctx = fast.reference_mode() if ref else torch.enable_grad()
+        with ctx:
+            F.cross_entropy(model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
+
+
+def test_training_attention_kernel_choice_keeps_gradients():
+    """Whichever kernel auto-tuning picks for a training shape, gradients equal the reference."""
+    torch.manual_seed(14)
+    q, k, v = (torch.randn(2, 3, 11, 8, requires_grad=True) for _ in range(3))
+    out, _ = fast.attention(q, k, v)
+    out.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref, _ = fast.attention_reference(q, k, v)
+    ref.sum().backward()
+    for g, t in zip(grads, (q, k, v)):
+        assert torch.allclose(g, t.grad, atol=1e-5)
+    assert any(key[5] for key in fast.attention_choices())  # a training (grad) shape was tuned

@@ -1,0 +1,534 @@
+"""Fast paths: the same functions as the reference layers, computed with fewer, larger kernels.
+
+Every function here computes exactly what the plain PyTorch code in `layers.py` computes (up to
+bf16 rounding; `tests/test_fastpaths.py` compares each one with the float32 reference), so
+speed never changes the model. What they remove, measured on the CPU this project is developed
+on (see `benchmarks/RESULTS.md`):
+
+- `linear(x, layer, act)`: on CPU, a bf16 linear layer with its bias (and GELU) fused into one
+  oneDNN call. Plain `F.linear` with a bias first broadcasts the bias into the output and then
+  accumulates the product into it (one extra pass over the output), and GELU is a third pass.
+- `attention(q, k, v, ...)`: picks, per device, dtype, shape and whether a backward follows,
+  the fastest correct attention kernel (fused SDPA or explicit softmax(QK^T)V matrix
+  products), timed once on first use; the explicit path is always used when the
+  probabilities are asked for (`need_weights=True`). On the development CPU, SDPA wins bf16
+  inference at ViT shapes and the explicit products win training (forward + backward) 2-3x.
+- `optimize_for_inference(model, dtype)`: eval mode, BatchNorm folded into the convolution
+  before it, weights cast once to bf16 (no per-call casts as under autocast), channels-last
+  memory for convolutional models, optionally `torch.compile` of the repeated blocks.
+- `set_grad_checkpointing(model)`: recompute each block in the backward pass (memory for time).
+- `fused_adamw(...)` and `MasterWeightAdamW`: AdamW as one fused kernel; training a bf16 model
+  with float32 master weights (no autocast casts of weights and activations on every call).
+
+Fast paths switch themselves off where they cannot apply (autograd needs, another device, a
+dispatch mode such as the FLOP counter or meta tensors, `torch.compile` tracing) and can be
+switched off explicitly with `reference_mode()`, which benchmarks use as the "before".
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, did_you_mean
+
+ATTENTION_KERNELS = ("auto", "sdpa", "matmul")
+_STATE = {"enabled": True, "attention": "auto"}
+_ATTN_CHOICE: dict[tuple, str] = {}  # (device, dtype, shapes, mask?) -> measured fastest kernel
+_HAS_ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+
+
+# ----------------------------------------------------------------------------- switches
+def fast_paths_enabled() -> bool:
+    return _STATE["enabled"]
+
+
+@contextlib.contextmanager
+def reference_mode():
+    """Run the plain reference code paths inside this block (for parity checks and "before"
+    timings). Kernels chosen by `optimize_for_inference` (bf16 weights, folded BN) stay."""
+    old = _STATE["enabled"]
+    _STATE["enabled"] = False
+    try:
+        yield
+    finally:
+        _STATE["enabled"] = old
+
+
+def set_attention_kernel(kind: str = "auto") -> None:
+    """'auto' (measure once per device/dtype/shape, keep the fastest), 'sdpa' or 'matmul'."""
+    if kind not in ATTENTION_KERNELS:
+        raise ConfigError(f"attention kernel {kind!r} is not valid.{did_you_mean(str(kind), ATTENTION_KERNELS)} "
+                          f"Choose one of: {', '.join(ATTENTION_KERNELS)}.")
+    _STATE["attention"] = kind
+
+
+def attention_choices() -> dict[tuple, str]:
+    """The kernels `attention` has measured and chosen so far (for reports)."""
+    return dict(_ATTN_CHOICE)
+
+
+def _plain_context() -> bool:
+    """True when nothing intercepts the operators: no FLOP counter / fake or meta tensor mode,
+    no torch.compile tracing. Fast paths call ops the counters and tracers may not know."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is None
+
+
+# ----------------------------------------------------------------------------- allocator
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Keep freed CPU tensor memory in the process for reuse (glibc `mallopt`).
+
+    By default glibc serves every large allocation (tensors of a few MB and up: activations
+    of a batch) with a fresh `mmap` and returns it to the OS on free, so the next step pays a
+    page fault and a page clear for every 4 KiB it touches again: on the development CPU this
+    made element-wise kernels (GELU, residual adds) and fresh matmul outputs 30-50% slower
+    than their memory bandwidth allows. Raising the mmap threshold (to its 32 MiB maximum)
+    and the trim threshold keeps that memory in the heap, as tcmalloc/jemalloc would.
+    Process-wide (it helps every library in the process equally); returns False where glibc
+    is not the allocator. Memory is not leaked: it is reused by later allocations.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and ok
+    except (OSError, AttributeError):
+        return False
+    _STATE["allocator_tuned"] = ok
+    return ok
+
+
+# ----------------------------------------------------------------------------- linear
+def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The oneDNN path applies: CPU, bf16 activations and weights, nothing intercepting ops."""
+    return (_STATE["enabled"] and _HAS_ONEDNN_LINEAR and x.device.type == "cpu"
+            and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _plain_context())
+
+
+class _FusedLinear(torch.autograd.Function):
+    """y = x W^T + b (+ residual) with the bias / residual add fused into oneDNN's product in
+    the forward; the backward is the usual pair of matrix products (what aten's linear does),
+    plus the bias gradient as a column sum and the residual's gradient passed through."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2 @ weight).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            gw = g2.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        gr = grad if ctx.has_residual and ctx.needs_input_grad[3] else None
+        return gx, gw, gb, gr
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, act: str | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`act(layer(x))` (act None, 'gelu' (exact, erf form) or 'relu'), plus `residual` if given.
+
+    On CPU in bf16, the bias (and a ReLU, or the residual add) is applied by oneDNN while the
+    product is written: one pass over the output instead of two or three, and no separate
+    output buffer for the bias broadcast. With autograd the same forward runs inside
+    `_FusedLinear` (backward: the usual matrix products). Elsewhere plain PyTorch. GELU is not
+    fused there: oneDNN's erf-GELU epilogue measured slower than the separate kernel.
+    """
+    w, b = layer.weight, layer.bias
+    if _onednn_ok(x, w):
+        if not x.is_contiguous():
+            x = x.contiguous()
+        fuse_res = (residual is not None and act is None and residual.dtype == x.dtype
+                    and tuple(residual.shape) == tuple(x.shape[:-1]) + (w.shape[0],))
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (fuse_res and residual.requires_grad)):
+            out = _FusedLinear.apply(x, w, b, residual.contiguous() if fuse_res else None)
+            if fuse_res:
+                return out
+        elif fuse_res:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), w, b, "add")
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(x, w, b, "relu" if act == "relu" else "none", [], "")
+            if act == "relu":
+                return out if residual is None else residual + out
+        if act == "gelu":
+            out = F.gelu(out)
+        elif act == "relu":
+            out = F.relu(out)
+        return out if residual is None else residual + out
+    out = F.linear(x, w, b)
+    if act == "gelu":
+        out = F.gelu(out)
+    elif act == "relu":
+        out = F.relu(out)
+    return out if residual is None else residual + out
+
+
+# ----------------------------------------------------------------------------- attention
+def attention_reference(q, k, v, scale: float | None = None, bias: torch.Tensor | None = None,
+                        dropout_p: float = 0.0, training: bool = False):
+    """softmax(q k^T * scale + bias) v by explicit matrix products. Returns (out, probabilities)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    attn = logits.softmax(dim=-1)
+    dropped = F.dropout(attn, dropout_p, training) if dropout_p and training else attn
+    return dropped @ v, attn
+
+
+def _sdpa(q, k, v, scale, bias, dropout_p, training):
+    mask = bias.to(q.dtype)[None] if bias is not None and bias.ndim == 3 else (
+        bias.to(q.dtype) if bias is not None else None)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0,
+                                          scale=scale)
+
+
+def _matmul(q, k, v, scale, bias, dropout_p, training):
+    return attention_reference(q, k, v, scale, bias, dropout_p, training)[0]
+
+
+_KERNELS = {"sdpa": _sdpa, "matmul": _matmul}
+
+
+def _measure(fn, args, reps: int = 3) -> float:
+    fn(*args)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _fwd_bwd(fn, q, k, v, scale, bias):
+    """A forward + backward of kernel `fn` on fresh leaves shaped like q, k, v (for timing)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    if bias is not None:  # detached: timing must not backpropagate into the real graph
+        bias = bias.detach().clone().requires_grad_(bias.requires_grad)
+
+    def run():
+        with torch.enable_grad():
+            out = fn(*leaves, scale, bias, 0.0, False)
+            out.backward(torch.ones_like(out))
+    return run
+
+
+def _choose_kernel(q, k, v, scale, bias, dropout_p, training) -> str:
+    kind = _STATE["attention"]
+    if kind != "auto":
+        return kind
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    # Fused kernels are the right choice wherever the choice cannot be timed cheaply and
+    # safely: on GPU (flash / memory-efficient SDPA), with attention dropout, under tracing
+    # and counters.
+    if (not _STATE["enabled"] or q.device.type != "cpu" or (dropout_p and training) or not _plain_context()):
+        return "sdpa"
+    key = (q.device.type, q.dtype, tuple(q.shape), tuple(k.shape), bias is not None, grad, torch.get_num_threads())
+    choice = _ATTN_CHOICE.get(key)
+    if choice is None:
+        # Time both once for this shape: the CPU kernels' relative speed depends on the shape,
+        # the dtype, the thread count and on whether a backward follows (measured on the
+        # development CPU: SDPA wins the bf16 forward at ViT shapes, the explicit products win
+        # forward + backward by 2-3x), so a fixed rule would be wrong somewhere.
+        # identity saved-tensor hooks: the timing runs must not be seen by an enclosing
+        # activation checkpoint (its recomputation would find other saved tensors)
+        with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            if grad:
+                times = {name: _measure(_fwd_bwd(fn, q, k, v, scale, bias), (), reps=2)
+                         for name, fn in _KERNELS.items()}
+            else:
+                times = {name: _measure(fn, (q, k, v, scale, bias, 0.0, False)) for name, fn in _KERNELS.items()}
+        choice = min(times, key=times.get)
+        _ATTN_CHOICE[key] = choice
+    return choice
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              bias: torch.Tensor | None = None, dropout_p: float = 0.0, training: bool = False,
+              need_weights: bool = False):
+    """Multi-head attention core on (B, H, N, d) tensors: softmax(q k^T * scale + bias) v.
+
+    `bias` is an additive logit bias broadcastable to (B, H, Nq, Nk) (a (H, Nq, Nk) table is
+    allowed). Returns (out (B, H, Nq, d), probabilities (B, H, Nq, Nk) or None). With
+    `need_weights` the explicit path runs and returns the probabilities; otherwise the fastest
+    correct kernel for the device and shape (see `set_attention_kernel`).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if need_weights:
+        return attention_reference(q, k, v, scale, bias, dropout_p, training)
+    kind = _choose_kernel(q, k, v, scale, bias, dropout_p, training)
+    return _KERNELS[kind](q, k, v, scale, bias, dropout_p, training), None
+
+
+# ----------------------------------------------------------------------------- model-level
+def block_lists(model: nn.Module) -> list[nn.ModuleList | nn.Sequential]:
+    """The containers of repeated blocks of any vitlab model: `model.blocks` (ViT, ConvMixer)
+    and `model.stages[i].blocks` (CvT, staged models)."""
+    found = []
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        found.append(blocks)
+    for stage in getattr(model, "stages", None) or []:
+        sb = getattr(stage, "blocks", None)
+        if isinstance(sb, (nn.ModuleList, nn.Sequential)):
+            found.append(sb)
+    return found
+
+
+def _checkpointed(module: nn.Module, plain_forward: Callable, *args, **kwargs):
+    if module.training and torch.is_grad_enabled() and not kwargs.get("return_attn", False):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(plain_forward, *args, use_reentrant=False, **kwargs)
+    return plain_forward(*args, **kwargs)
+
+
+def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> nn.Module:
+    """Activation checkpointing: keep only each block's input and recompute the block in the
+    backward pass (about one more forward of compute for much less activation memory).
+
+    Uses the model's own `set_grad_checkpointing` when it has one (ViT); otherwise wraps the
+    forward of every block found by `block_lists` (CvT, ConvMixer). Parameter names do not
+    change, so checkpoints load either way. Only active in training mode with autograd on.
+    """
+    own = getattr(type(model), "set_grad_checkpointing", None)
+    if own is not None:
+        own(model, enable)
+        return model
+    containers = block_lists(model)
+    if not containers:
+        raise ConfigError(f"{type(model).__name__} has no `blocks` or `stages[i].blocks` to checkpoint; "
+                          f"call torch.utils.checkpoint yourself around its repeated parts")
+    for container in containers:
+        for blk in container:
+            if enable and "forward" not in blk.__dict__:
+                blk.forward = functools.partial(_checkpointed, blk, type(blk).forward.__get__(blk))
+            elif not enable and "forward" in blk.__dict__:
+                del blk.forward
+    model.grad_checkpointing = enable
+    return model
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every BatchNorm2d that directly follows a Conv2d inside an nn.Sequential into the
+    convolution (inference only: w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var +
+    eps) + beta) and replace the BatchNorm by Identity. Returns the number folded. CvT's
+    depthwise q/k/v projections are conv + BN; ConvMixer's BN follows an activation, so it stays.
+    """
+    folded = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+                    and bn.running_var is not None):
+                continue
+            inv = (bn.running_var.float() + bn.eps).rsqrt()
+            g = bn.weight.float() if bn.affine else torch.ones_like(inv)
+            beta = bn.bias.float() if bn.affine else torch.zeros_like(inv)
+            scale = g * inv
+            w = conv.weight.float() * scale.view(-1, *([1] * (conv.weight.ndim - 1)))
+            bias0 = conv.bias.float() if conv.bias is not None else torch.zeros_like(inv)
+            new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                            conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+                            device=conv.weight.device, dtype=conv.weight.dtype)
+            new.weight.copy_(w)
+            new.bias.copy_((bias0 - bn.running_mean.float()) * scale + beta)
+            seq._modules[a] = new
+            seq._modules[b] = nn.Identity()
+            folded += 1
+    return folded
+
+
+def _has_spatial_convs(model: nn.Module) -> bool:
+    """True for models that run convolutions on feature maps (CvT, ConvMixer, ResNet), not just
+    a stride = kernel patch projection (ViT), where channels-last memory pays."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and (m.groups > 1 or m.kernel_size != m.stride):
+            return True
+    return False
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
+    """`torch.compile` each repeated block in place (regional compilation: identical blocks
+    share one compiled graph, so compile time is that of one block per distinct shape).
+    Returns the number of blocks. Compilation itself happens on the first call (`vitlab bench
+    --compile` reports its time)."""
+    n = 0
+    for container in block_lists(model):
+        for blk in container:
+            blk.compile(**compile_kwargs)
+            n += 1
+    if n == 0:
+        raise ConfigError(f"{type(model).__name__} has no repeated blocks to compile; use torch.compile(model)")
+    return n
+
+
+def _cast_input_hook(dtype: torch.dtype, channels_last: bool):
+    """A forward pre-hook casting incoming float images once to the model's dtype (and
+    channels-last memory): float32 images from a loader need no manual cast."""
+    def hook(module, args, kwargs):
+        if not args or not torch.is_tensor(args[0]) or not args[0].is_floating_point():
+            return None
+        x = args[0].to(dtype)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x,) + tuple(args[1:]), kwargs
+    return hook
+
+
+def _image_input_module(model: nn.Module) -> nn.Module:
+    """The module that first sees the images: the first Conv2d taking the model's input
+    channels (patch projection, conv stem, token embedding). Every entry point (forward,
+    forward_intermediates, forward_features) goes through it."""
+    in_chans = getattr(model, "in_chans", None)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and (in_chans is None or m.in_channels == in_chans):
+            return m
+    return model
+
+
+def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bfloat16,
+                           channels_last: bool | None = None, fold_bn: bool = True,
+                           compile: bool = False) -> nn.Module:
+    """Prepare a built model for fast inference, in place; returns it.
+
+    - eval mode, autograd off for its parameters;
+    - BatchNorm after a convolution folded into it (`fold_batchnorm`; CvT's q/k/v projections);
+    - parameters and buffers cast once to `dtype` ('bf16' / torch.bfloat16 by default): no
+      weight casts on every call as under autocast;
+    - channels-last memory for models with spatial convolutions (default: auto);
+    - a pre-hook on the first convolution that casts incoming float images to `dtype`
+      (and channels-last), whichever entry point (forward, forward_intermediates) is used;
+    - `compile=True`: `torch.compile` of each repeated block (`compile_blocks`).
+
+    Outputs are in `dtype`; `model(x).float()` for float32 logits. Training after this needs a
+    fresh model (BatchNorm statistics were folded away).
+    """
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(dtype, dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be 'bf16', 'fp32', 'fp16' or a floating torch.dtype, got {dtype!r}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if fold_bn:
+        fold_batchnorm(model)
+    model.to(dtype=dtype)
+    if channels_last is None:
+        channels_last = _has_spatial_convs(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.inference_dtype = dtype
+    model.inference_channels_last = bool(channels_last)
+    old_hook = getattr(model, "_vitlab_cast_hook", None)
+    if old_hook is not None:
+        old_hook.remove()
+    model._vitlab_cast_hook = _image_input_module(model).register_forward_pre_hook(
+        _cast_input_hook(dtype, bool(channels_last)), with_kwargs=True)
+    if compile:
+        compile_blocks(model)
+    return model
+
+
+# ----------------------------------------------------------------------------- optimizers
+def fused_adamw(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW as one fused kernel over all parameters (`fused=True`) where PyTorch has it for
+    the parameters' device (CPU and CUDA in torch >= 2.4), else the multi-tensor (`foreach`)
+    version. Same update as the per-parameter loop."""
+    params = list(params)
+    if fused is None:
+        first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
+        fused = first.device.type in ("cpu", "cuda")
+    if fused:
+        try:
+            return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+
+
+class MasterWeightAdamW:
+    """AdamW for a model whose parameters are bf16, keeping float32 master weights.
+
+    The model computes in bf16 end to end (no autocast: no per-call casts of weights, and the
+    residual stream, norms and activations stay bf16, halving their memory traffic); gradients
+    are copied into the float32 masters, AdamW (fused) updates the masters, and the bf16
+    parameters are refreshed from them. Small updates accumulate in float32, as with
+    autocast's float32 weights.
+
+        model.to(torch.bfloat16)
+        opt = MasterWeightAdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        loss.backward(); opt.step(); opt.zero_grad()
+
+    `params` may be parameter groups (dicts with "params" and options), as for torch optimizers.
+    """
+
+    def __init__(self, params: Iterable, **adamw_kwargs):
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.model_params: list[torch.Tensor] = []
+        self.master_params: list[torch.Tensor] = []
+        master_groups = []
+        for g in groups:
+            ps = [p for p in g["params"] if p.requires_grad]
+            masters = [p.detach().float().clone().requires_grad_(True) for p in ps]
+            self.model_params += ps
+            self.master_params += masters
+            master_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": masters})
+        if not self.model_params:
+            raise ConfigError("MasterWeightAdamW got no trainable parameters")
+        self.optimizer = fused_adamw(master_groups, **adamw_kwargs)
+        self.param_groups = self.optimizer.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        pairs = [(m, p) for m, p in zip(self.master_params, self.model_params) if p.grad is not None]
+        for m, p in pairs:
+            m.grad = p.grad.float()
+        self.optimizer.step()
+        if pairs:
+            torch._foreach_copy_([p for _, p in pairs], [m for m, _ in pairs])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.model_params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "master": [m.detach().clone() for m in self.master_params]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd["optimizer"])
+        with torch.no_grad():
+            for m, saved, p in zip(self.master_params, sd["master"], self.model_params):
+                m.copy_(saved)
+                p.copy_(saved)
