@@ -399,17 +399,35 @@ def test_cvt_training_fast_paths_give_the_reference_gradients():
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
 
 
-def test_training_attention_kernel_choice_keeps_gradients():
-    """Whichever kernel auto-tuning picks for a training shape, gradients equal the reference."""
+@pytest.mark.parametrize("kernel", ["auto", "measure"])
+def test_training_attention_kernel_choice_keeps_gradients(kernel):
+    """Whichever kernel the rule or the timing picks for a training shape, gradients equal the reference."""
     torch.manual_seed(14)
-    q, k, v = (torch.randn(2, 3, 11, 8, requires_grad=True) for _ in range(3))
-    out, _ = fast.attention(q, k, v)
-    out.sum().backward()
-    grads = [t.grad.clone() for t in (q, k, v)]
-    for t in (q, k, v):
-        t.grad = None
-    ref, _ = fast.attention_reference(q, k, v)
-    ref.sum().backward()
-    for g, t in zip(grads, (q, k, v)):
-        assert torch.allclose(g, t.grad, atol=1e-5)
-    assert any(key[5] for key in fast.attention_choices())  # a training (grad) shape was tuned
+    fast.set_attention_kernel(kernel)
+    try:
+        q, k, v = (torch.randn(2, 3, 11, 8, requires_grad=True) for _ in range(3))
+        out, _ = fast.attention(q, k, v)
+        out.sum().backward()
+        grads = [t.grad.clone() for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        ref, _ = fast.attention_reference(q, k, v)
+        ref.sum().backward()
+        for g, t in zip(grads, (q, k, v)):
+            assert torch.allclose(g, t.grad, atol=1e-5)
+        if kernel == "measure":
+            assert any(key[5] for key in fast.attention_choices())  # a training (grad) shape was timed
+    finally:
+        fast.set_attention_kernel("auto")
+
+
+def test_auto_attention_rule_is_deterministic():
+    """'auto' never times anything: explicit products for CPU training at moderate length,
+    SDPA for inference and long sequences (so resumed and distributed runs match exactly)."""
+    q = torch.randn(1, 1, 16, 8, requires_grad=True)
+    assert fast._choose_kernel(q, q, q, 1.0, None, 0.0, True) == "matmul"
+    with torch.no_grad():
+        assert fast._choose_kernel(q, q, q, 1.0, None, 0.0, False) == "sdpa"
+    long_q = torch.randn(1, 1, 3136, 8, requires_grad=True)
+    long_k = torch.randn(1, 1, 784, 8, requires_grad=True)
+    assert fast._choose_kernel(long_q, long_k, long_k, 1.0, None, 0.0, True) == "sdpa"

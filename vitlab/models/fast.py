@@ -37,7 +37,11 @@ from torch import nn
 
 from ..errors import ConfigError, did_you_mean
 
-ATTENTION_KERNELS = ("auto", "sdpa", "matmul")
+ATTENTION_KERNELS = ("auto", "measure", "sdpa", "matmul")
+# 'auto' on CPU with autograd: explicit products up to this many logits per head (Nq * Nk).
+# Measured on the development CPU (AMX, bf16): explicit forward + backward beats SDPA by 2-3x
+# at ViT shapes (197 x 197) and at CvT stage 3 (197 x 50), SDPA wins at CvT stage 1 (3136 x 784).
+MATMUL_TRAIN_MAX_LOGITS = 1 << 18
 _STATE = {"enabled": True, "attention": "auto"}
 _ATTN_CHOICE: dict[tuple, str] = {}  # (device, dtype, shapes, mask?) -> measured fastest kernel
 _HAS_ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
@@ -61,7 +65,11 @@ def reference_mode():
 
 
 def set_attention_kernel(kind: str = "auto") -> None:
-    """'auto' (measure once per device/dtype/shape, keep the fastest), 'sdpa' or 'matmul'."""
+    """'auto' (a fixed rule: SDPA for inference and on GPU, explicit products for CPU training
+    at moderate sequence lengths), 'measure' (time both once per device/dtype/shape and keep
+    the fastest), 'sdpa' or 'matmul'. 'auto' is the default because it is deterministic: a
+    timed choice can differ between two processes on a busy machine, and then a resumed or
+    distributed run would not compute bit-identically to the original."""
     if kind not in ATTENTION_KERNELS:
         raise ConfigError(f"attention kernel {kind!r} is not valid.{did_you_mean(str(kind), ATTENTION_KERNELS)} "
                           f"Choose one of: {', '.join(ATTENTION_KERNELS)}.")
@@ -238,7 +246,7 @@ def _fwd_bwd(fn, q, k, v, scale, bias):
 
 def _choose_kernel(q, k, v, scale, bias, dropout_p, training) -> str:
     kind = _STATE["attention"]
-    if kind != "auto":
+    if kind in ("sdpa", "matmul"):
         return kind
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     # Fused kernels are the right choice wherever the choice cannot be timed cheaply and
@@ -246,13 +254,13 @@ def _choose_kernel(q, k, v, scale, bias, dropout_p, training) -> str:
     # and counters.
     if (not _STATE["enabled"] or q.device.type != "cpu" or (dropout_p and training) or not _plain_context()):
         return "sdpa"
+    if kind == "auto":
+        return "matmul" if grad and q.shape[-2] * k.shape[-2] <= MATMUL_TRAIN_MAX_LOGITS else "sdpa"
     key = (q.device.type, q.dtype, tuple(q.shape), tuple(k.shape), bias is not None, grad, torch.get_num_threads())
     choice = _ATTN_CHOICE.get(key)
     if choice is None:
-        # Time both once for this shape: the CPU kernels' relative speed depends on the shape,
-        # the dtype, the thread count and on whether a backward follows (measured on the
-        # development CPU: SDPA wins the bf16 forward at ViT shapes, the explicit products win
-        # forward + backward by 2-3x), so a fixed rule would be wrong somewhere.
+        # 'measure': time both once for this shape (the CPU kernels' relative speed depends on
+        # the shape, the dtype, the thread count and on whether a backward follows).
         # identity saved-tensor hooks: the timing runs must not be seen by an enclosing
         # activation checkpoint (its recomputation would find other saved tensors)
         with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
