@@ -73,3 +73,19 @@ def test_batch_meta_device_and_backward():
     embed = 2 * 49 * 128 * 16
     assert count_flops(model, backward=True) == 3 * f - embed
     assert count_flops(meta, backward=True) == 3 * f - embed
+
+
+def test_depthwise_conv_backward_counts_like_its_forward():
+    """Each of a convolution's two gradients costs its forward's multiply-adds, groups included
+    (PyTorch's own formula counts a depthwise weight as dense in backward)."""
+    from torch import nn
+
+    from vitlab.flops import count_flops
+
+    c, h = 8, 10
+    net = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),
+                        nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False))
+    one_layer = 2 * h * h * c * 9  # 2 FLOPs per multiply-add, 9 taps per output, 1 input channel per group
+    assert count_flops(net, img_size=h, in_chans=c) == 2 * one_layer
+    # backward: layer 2 needs both gradients, layer 1 only its weight's (the images need none)
+    assert count_flops(net, img_size=h, in_chans=c, backward=True) == 2 * one_layer + 3 * one_layer
