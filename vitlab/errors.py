@@ -31,3 +31,10 @@ def did_you_mean(word: str, choices, n: int = 3) -> str:
     if not close:
         close = [c for c in choices if word.lower() in c.lower()][:n]
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def check_choice(field: str, value, choices) -> None:
+    """ConfigError naming the field, the closest valid values and all of them, unless `value` is one."""
+    if value not in choices:
+        raise ConfigError(f"{field}={value!r} is not valid.{did_you_mean(str(value), [str(c) for c in choices])} "
+                          f"Choose one of: {', '.join(map(str, choices))}.")

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, check_choice, did_you_mean
 from . import fast
 from .layers import DropPath, Mlp, check_input, resample_abs_pos_embed, to_2tuple
 from .registry import register_family
@@ -56,10 +56,6 @@ CVT_POS_EMBEDS = ("none", "learned")
 ATTN_SCALES = ("dim", "head_dim")
 
 
-def _choice(field: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{field}={value!r} is not valid.{did_you_mean(str(value), choices)} "
-                          f"Choose one of: {', '.join(map(str, choices))}.")
 
 
 def _per_stage(field: str, value, num_stages: int, scalar_ok: bool = True) -> tuple:
@@ -538,8 +534,8 @@ class ConvolutionalVisionTransformer(nn.Module):
         for v in patch_paddings:
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"patch_paddings must hold non-negative integers, got {tuple(patch_paddings)!r}")
-        _choice("pos_embed", pos_embed, CVT_POS_EMBEDS)
-        _choice("attn_scale", attn_scale, ATTN_SCALES)
+        check_choice("pos_embed", pos_embed, CVT_POS_EMBEDS)
+        check_choice("attn_scale", attn_scale, ATTN_SCALES)
         if not isinstance(conv_embed, bool):
             raise ConfigError(f"conv_embed must be True or False, got {conv_embed!r}")
         for field, values in dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, check_choice, did_you_mean
 from .layers import DropPath, to_2tuple
 from .registry import register_family
 
@@ -210,10 +210,6 @@ BLOCKS = ("bottleneck", "basic")
 POOLS = ("avg", "max")
 
 
-def _choice(field: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{field}={value!r} is not valid.{did_you_mean(str(value), choices)} "
-                          f"Choose one of: {', '.join(choices)}.")
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -252,9 +248,9 @@ class ResNetV2(nn.Module):
         head_zero_init: bool = True,
     ):
         super().__init__()
-        _choice("stem", stem, STEMS)
-        _choice("block", block, BLOCKS)
-        _choice("global_pool", global_pool, POOLS)
+        check_choice("stem", stem, STEMS)
+        check_choice("block", block, BLOCKS)
+        check_choice("global_pool", global_pool, POOLS)
         layers = tuple(layers)
         if not layers:
             raise ConfigError("layers must list at least one stage, e.g. layers=(3, 4, 6, 3)")

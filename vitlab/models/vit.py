@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import CheckpointError, ConfigError, did_you_mean
+from ..errors import CheckpointError, ConfigError, check_choice, did_you_mean
 from .layers import (POS_EMBED_KINDS, Block, PatchEmbed, RelativePositionBias, check_input, resample_1d,
                      resample_abs_pos_embed, sincos_1d, sincos_2d, to_2tuple)
 from .registry import register_family
@@ -27,10 +27,6 @@ GLOBAL_POOLS = ("token", "avg")
 HEADS = ("linear", "mlp_tanh")
 
 
-def _choice(field: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{field}={value!r} is not valid.{did_you_mean(str(value), choices)} "
-                          f"Choose one of: {', '.join(choices)}.")
 
 
 class VisionTransformer(nn.Module):
@@ -78,9 +74,9 @@ class VisionTransformer(nn.Module):
                 `set_grad_checkpointing`.
         """
         super().__init__()
-        _choice("global_pool", global_pool, GLOBAL_POOLS)
-        _choice("pos_embed", pos_embed, POS_EMBED_KINDS)
-        _choice("head", head, HEADS)
+        check_choice("global_pool", global_pool, GLOBAL_POOLS)
+        check_choice("pos_embed", pos_embed, POS_EMBED_KINDS)
+        check_choice("head", head, HEADS)
         for name, v in dict(drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, attn_drop_rate=attn_drop_rate,
                             drop_path_rate=drop_path_rate).items():
             if not 0.0 <= v < 1.0:

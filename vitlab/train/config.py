@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, check_choice, did_you_mean
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -137,10 +137,10 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("on_bad_image", self.on_bad_image, ("skip", "error"))
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("on_bad_image", self.on_bad_image, ("skip", "error"))
         for name in ("epochs", "batch_size", "eval_batch_size", "accum_steps", "eval_every"):
             v = getattr(self, name)
             need(v >= 1, f"{name}={v} must be at least 1")
@@ -193,10 +193,6 @@ def field_types() -> dict[str, Any]:
     return _HINTS
 
 
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not valid.{did_you_mean(str(value), choices)} "
-                          f"Choose one of: {', '.join(choices)}.")
 
 
 def _parse_scalar(text: str):
