@@ -8,7 +8,7 @@ on it during a run: the accuracy reported is the last epoch's, not the best one)
 Data: Debian's package (`apt-get install -y dataset-fashion-mnist`, files in
 /usr/share/datasets/fashion-mnist/) or the four original IDX files in --data-dir.
 
-    python benchmarks/fashion_mnist.py                        # the README's ViT (vit_micro_p4 recipe)
+    python benchmarks/fashion_mnist.py                        # the README's ViT (preset vit_gap, ~30 min)
     python benchmarks/fashion_mnist.py --models vit,convmixer # add a convolutional comparison
     python benchmarks/fashion_mnist.py --models vit epochs=4  # key=value overrides for every run
     python benchmarks/fashion_mnist.py --smoke                # 20 steps per model, checks the plumbing
@@ -54,6 +54,13 @@ PRESETS: dict[str, dict] = {
     # stay level), with the 2-pixel pad-and-crop and a little stochastic depth for the longer run
     "vit_long": dict(model="vit_micro_p4", epochs=15, batch_size=128, lr=2e-3, min_lr=1e-5, warmup_epochs=1.0,
                      weight_decay=0.05, hflip=True, pad_crop=2, label_smoothing=0.1, drop_path=0.05),
+    # the README's ViT: the same model and recipe with the "better plain ViT baseline" choices of
+    # Beyer et al. (2022), fixed 2D sin-cos position embeddings and global average pooling instead
+    # of the class token (both ViT-paper options; in a 4-epoch trial they learned faster: 84.3% vs
+    # 83.8%), trained 25 epochs
+    "vit_gap": dict(model="vit_micro_p4", model_kwargs={"global_pool": "avg", "pos_embed": "sincos_2d"},
+                    epochs=25, batch_size=128, lr=2e-3, min_lr=1e-5, warmup_epochs=1.0, weight_decay=0.05,
+                    hflip=True, pad_crop=2, label_smoothing=0.1, drop_path=0.05),
     # a narrower ViT (width 64): about 4x fewer FLOPs, for a faster, lower point on the curve
     "vit_w64": dict(model="vit_micro_p4", model_kwargs={"embed_dim": 64, "num_heads": 4}, epochs=10,
                     batch_size=128, lr=2e-3, min_lr=1e-5, warmup_epochs=1.0, weight_decay=0.05, hflip=True,
@@ -67,22 +74,16 @@ PRESETS: dict[str, dict] = {
 
 
 def machine_description() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
+
+    from vitlab.bench import cpu_model_name
 
     try:
         load = os.getloadavg()
     except (AttributeError, OSError):
         load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": "none used (device=cpu)", "loadavg": load}
+    return {"cpu": cpu_model_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "gpu": "none used (device=cpu)", "loadavg": load}
 
 
 class EpochClock:
@@ -122,8 +123,6 @@ class EpochClock:
 
 
 def run_one(name: str, preset: dict, overrides: list[str], args) -> dict:
-    import torch
-
     from vitlab.train import TrainConfig, apply_overrides, train
 
     fields = {**COMMON, **preset, "out": str(args.out),
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="presets: " + ", ".join(PRESETS))
-    p.add_argument("--models", default="vit", help=f"comma-separated presets ({', '.join(PRESETS)}); default vit")
+    p.add_argument("--models", default="vit_gap", help=f"comma-separated presets ({', '.join(PRESETS)}); default vit_gap")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: the standard places, "
                                       "e.g. /usr/share/datasets/fashion-mnist)")
     p.add_argument("--threads", type=int, default=0,

@@ -114,10 +114,11 @@ def test_fused_mlp_in_row_chunks_equals_plain_mlp(monkeypatch):
         blk_b = copy.deepcopy(blk).to(torch.bfloat16)
         xb = x.bfloat16()
         h = blk_b.norm2(xb)
-        assert cvt_mod._fused_mlp_ok(blk_b.mlp, h)
-        whole = cvt_mod._fused_mlp(blk_b.mlp, h, xb)
-        monkeypatch.setattr(cvt_mod, "MLP_CHUNK_BYTES", 1000)  # many chunks of rows
-        chunked = cvt_mod._fused_mlp(blk_b.mlp, h, xb)
+        m = blk_b.mlp
+        assert fast.mlp_inference_ok(m.fc1, m.fc2, m.act, h)
+        whole = fast.mlp_inference(m.fc1, m.fc2, h, xb)
+        monkeypatch.setattr(fast, "MLP_CHUNK_BYTES", 1000)  # many chunks of rows
+        chunked = fast.mlp_inference(m.fc1, m.fc2, h, xb)
         with fast.reference_mode():
             plain = xb + blk_b.mlp(h)
         got = blk_b(xb, (6, 6), 1)[0]

@@ -89,7 +89,7 @@ def test_train_then_eval_finetune_predict_from_the_command_line(tmp_path):
     m = re.search(r"trained vit_nano_p2 on digits: validation accuracy ([\d.]+)% .* after 2 epochs", out)
     assert m, out
     run_dir = tmp_path / "runs" / "cli"
-    assert f"run: runs/cli" in out or str(run_dir) in out
+    assert "run: runs/cli" in out or str(run_dir) in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert float(m.group(1)) == pytest.approx(100 * summary["val_acc"], abs=0.01)
     # log lines a person can read, one per evaluation

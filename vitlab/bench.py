@@ -25,6 +25,7 @@ its library: float32 weights under bf16 autocast, SDPA attention where it has it
 from __future__ import annotations
 
 import math
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -281,7 +282,6 @@ def build_pair(name: str, compare: str | None, num_classes: int = 1000, img_size
         return Pair(ours, hf, "transformers", lambda x: hf(pixel_values=x).logits)
     ours = create_model(spec.name, num_classes=num_classes, img_size=img_size)
     if compare == "paper":
-        c = spec.config
         peer = paper_convmixer(ours.dim, ours.depth, ours.kernel_size, ours.patch_size[0], num_classes, ours.act,
                                ours.in_chans)
         copy_weights_in_order(ours, peer)
@@ -539,10 +539,10 @@ def _peer_blocks(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def describe_device(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    name = "CPU"
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's name elsewhere), with ", AMX" when
+    the CPU has AMX bf16 tiles (the fast path's hardware)."""
+    name = platform.processor() or platform.machine() or "CPU"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -555,7 +555,13 @@ def describe_device(dev: torch.device) -> str:
             name += ", AMX"
     except OSError:
         pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    return name
+
+
+def describe_device(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{cpu_model_name()} ({torch.get_num_threads()} threads)"
 
 
 # ============================================================================ loader check

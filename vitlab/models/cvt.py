@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, check_choice, did_you_mean
+from ..errors import ConfigError, check_choice
 from . import fast
 from .layers import DropPath, Mlp, check_input, resample_abs_pos_embed, to_2tuple
 from .registry import register_family
@@ -329,57 +329,6 @@ class ConvAttention(nn.Module):
         return (out if residual is None else residual + out), attn
 
 
-_HAS_ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
-# Rows of the MLP computed at once in bf16 inference: keeps the (rows, 4C) hidden activation
-# under ~16 MB. Larger buffers are served by fresh mmap'd pages from the OS on every call (glibc
-# cannot keep more than 32 MB blocks in its heap), whose page faults cost as much as the GELU:
-# CvT-13's stage 1 hidden layer is 51 MB at batch 32 (measured: a 40 MB tensor costs 17.6 ms to
-# allocate and fill vs 3.6 ms to refill).
-MLP_CHUNK_BYTES = 16 << 20
-
-
-def _fused_mlp_ok(mlp: nn.Module, x: torch.Tensor) -> bool:
-    """bf16 CPU inference with plain (exact) GELU: fc1 + bias + GELU as one oneDNN call."""
-    if not (_HAS_ONEDNN_LINEAR and fast.fast_paths_enabled() and x.device.type == "cpu"
-            and x.dtype == torch.bfloat16 and mlp.fc1.weight.dtype == torch.bfloat16
-            and mlp.fc2.weight.dtype == torch.bfloat16 and mlp.fc1.bias is not None and mlp.fc2.bias is not None
-            and type(mlp.act) is nn.GELU and mlp.act.approximate == "none"):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or mlp.fc1.weight.requires_grad):
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    return _get_current_dispatch_mode() is None  # no FLOP counter / fake tensors
-
-
-def _fused_mlp(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + fc2(GELU(fc1(x))) for bf16 inference on CPU, in row chunks.
-
-    oneDNN applies fc1's bias and the exact (erf) GELU while writing the product, and fc2's bias
-    and the residual add while writing its product: two passes over memory fewer than separate
-    kernels, and GELU computed from the float32 accumulator (one rounding instead of two).
-    Measured against linear + F.gelu at CvT-13's shapes (batch 32, one core): stage 1 41 vs
-    63 ms, stage 2 15 vs 37 ms, stage 3 equal."""
-    B, N, C = x.shape
-    x2 = x.reshape(B * N, C)
-    r2 = residual.reshape(B * N, C)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    if not r2.is_contiguous():
-        r2 = r2.contiguous()
-    f1, f2 = mlp.fc1, mlp.fc2
-    M = B * N
-    chunks = max(1, -(-M * f1.out_features * x.element_size() // MLP_CHUNK_BYTES))
-    rows = -(-M // chunks)  # equal chunks: no small remainder product
-    outs = []
-    for s in range(0, M, rows):  # over row blocks of the batch, not over tokens one by one
-        h = torch.ops.mkldnn._linear_pointwise(x2[s:s + rows], f1.weight, f1.bias, "gelu", [], "none")
-        outs.append(torch.ops.mkldnn._linear_pointwise.binary(h, r2[s:s + rows], f2.weight, f2.bias, "add"))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out.view(B, N, C)
-
-
 class CvTBlock(nn.Module):
     """Pre-norm block: x + DropPath(Attn(LN(x))); x + DropPath(MLP(LN(x)))."""
 
@@ -397,10 +346,7 @@ class CvTBlock(nn.Module):
         if self.drop_path.p == 0.0 or not self.training:
             # no stochastic depth: the residual adds ride on the output projections (fast.linear)
             x, attn = self.attn(self.norm1(x), grid, num_prefix_tokens, return_attn, residual=x)
-            h = self.norm2(x)
-            if not self.training and _fused_mlp_ok(self.mlp, h):
-                return _fused_mlp(self.mlp, h, x), attn
-            return self.mlp(h, residual=x), attn
+            return self.mlp(self.norm2(x), residual=x), attn
         y, attn = self.attn(self.norm1(x), grid, num_prefix_tokens, return_attn)
         x = self._drop_path_add(x, y)
         x = self._drop_path_add(x, self.mlp(self.norm2(x)))

@@ -209,6 +209,8 @@ class Mlp(nn.Module):
 
     def forward(self, x, residual: torch.Tensor | None = None):
         """fc2(act(fc1(x))); with `residual`, `residual + mlp(x)` (the add fused into fc2 where possible)."""
+        if residual is not None and not self.training and fast.mlp_inference_ok(self.fc1, self.fc2, self.act, x):
+            return fast.mlp_inference(self.fc1, self.fc2, x, residual)
         x = self.drop(self.act(fast.linear(x, self.fc1)))
         if residual is not None and not (self.training and self.drop.p > 0):
             return fast.linear(x, self.fc2, residual=residual)

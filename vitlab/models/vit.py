@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import CheckpointError, ConfigError, check_choice, did_you_mean
+from ..errors import CheckpointError, ConfigError, check_choice
 from .layers import (POS_EMBED_KINDS, Block, PatchEmbed, RelativePositionBias, check_input, resample_1d,
                      resample_abs_pos_embed, sincos_1d, sincos_2d, to_2tuple)
 from .registry import register_family

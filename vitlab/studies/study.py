@@ -374,19 +374,14 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
+
+    from ..bench import cpu_model_name
 
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{ncpu} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    return (f"{ncpu} CPU cores ({cpu_model_name()}), {gpu}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def write_outputs(study: Study, params: dict, train: dict, rows: list[dict], out: Path, plot: bool,
