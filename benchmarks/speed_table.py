@@ -16,6 +16,7 @@ Both tables and the run's facts (device, command, date) go to benchmarks/RESULTS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as _dt
 import os
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab import bench
+from vitlab.models import convmixer as convmixer_mod
 from vitlab.models import fast
 
 ROWS = [("ViT-S/16", "vit_s16"), ("ViT-B/16", "vit_b16"), ("CvT-13", "cvt_13"), ("ConvMixer-768/32", "convmixer_768_32")]
@@ -92,23 +94,8 @@ def fast_path_table(args) -> str:
     x = torch.randn(B, 3, S, S, generator=g)
     y = torch.randint(0, 1000, (B,), generator=g)
 
-    # 1. glibc allocator: large tensors mmap'd and page-faulted every step (before) vs kept (after)
     torch.manual_seed(0)
     m = fast.optimize_for_inference(vitlab.create_model("vit_s16"))
-
-    def with_alloc(tuned):
-        def f():
-            if tuned:
-                fast.tune_cpu_allocator()
-            else:
-                fast.tune_cpu_allocator(128 << 10, 128 << 10)  # glibc's defaults
-            with torch.inference_mode():
-                m(x)
-        return f
-    r = _alternate({"default": with_alloc(False), "tuned": with_alloc(True)}, steps)
-    fast.tune_cpu_allocator()
-    _row(lines, "CPU allocator keeps freed memory (`tune_cpu_allocator`)", "ViT-S/16 infer", "glibc default",
-         r["default"], "tuned", r["tuned"], B, "process-wide: the peers in the main table get it too")
 
     # 2. bf16 weights cast once vs float32 weights under autocast (everything else reference)
     ref = vitlab.create_model("vit_s16").eval()
@@ -144,9 +131,29 @@ def fast_path_table(args) -> str:
         fast.set_attention_kernel("auto")
         flops = 4 * B * heads * 197 * 197 * 64
         best = min(r, key=r.get)
-        _row(lines, "attention kernel choice (`fast.attention`, auto-tuned per shape)", f"{label} attention, bf16",
+        _row(lines, "attention kernel for inference (`fast.attention`: SDPA)", f"{label} attention, bf16",
              "explicit matmul+softmax", r["matmul"], "SDPA", r["sdpa"], None,
-             f"auto picks {best}; SDPA {flops / r['sdpa'] / 1e12:.2f} TFLOP/s")
+             f"faster here: {best}; SDPA {flops / r['sdpa'] / 1e12:.2f} TFLOP/s (its exponentials, not its "
+             f"products, bound it)")
+
+    # 3b. the MLP in row blocks with GELU in oneDNN's epilogue vs separate kernels, at ViT-B/16
+    # (opt-in per model: `Mlp.fused_inference`, on for CvT)
+    torch.manual_seed(0)
+    vb = fast.optimize_for_inference(vitlab.create_model("vit_b16"))
+    mlps = [blk.mlp for blk in vb.blocks]
+
+    def vb_mlp(blocked):
+        def f():
+            for mlp in mlps:
+                mlp.fused_inference = blocked
+            with torch.inference_mode():
+                vb(x)
+        return f
+    r = _alternate({"plain": vb_mlp(False), "blocked": vb_mlp(True)}, steps)
+    _row(lines, "MLP in 16 MB row blocks, GELU fused (`fast.mlp_inference`)", "ViT-B/16 infer",
+         "one piece, separate GELU", r["plain"], "row blocks", r["blocked"], B,
+         "on for CvT only (`Mlp.fused_inference`)")
+    del vb
 
     # 4. BN folding (CvT-13 inference) and channels-last + bf16 (ConvMixer)
     torch.manual_seed(0)
@@ -182,6 +189,23 @@ def fast_path_table(args) -> str:
     _row(lines, "channels-last memory", "ConvMixer-768/32 infer", "bf16 NCHW", r["bf"], "bf16 channels-last",
          r["cl"], B)
     del cm, cm_bf, cm_bf_cl
+
+    # 4b. ConvMixer training: the depthwise conv in float32 (oneDNN's bf16 depthwise backward is slow)
+    torch.manual_seed(0)
+    layer = convmixer_mod.ConvMixerLayer(768, 9, torch.nn.GELU).train().to(torch.bfloat16).to(
+        memory_format=torch.channels_last)
+    xl = torch.randn(B, 768, 32, 32, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    xl.requires_grad_(True)
+
+    def dw_train(f32):
+        def f():
+            with contextlib.nullcontext() if f32 else fast.reference_mode():
+                layer(xl).float().square().mean().backward()
+        return f
+    r = _alternate({"bf16": dw_train(False), "f32": dw_train(True)}, max(2, args.train_steps))
+    _row(lines, "depthwise conv in float32 for bf16 training (`fast.conv2d_f32`)",
+         "ConvMixer-768/32 layer, forward + backward", "bf16", r["bf16"], "float32 conv", r["f32"], B)
+    del layer, xl
 
     # 5. training: bf16 master-weight training vs autocast; fused vs foreach AdamW; checkpointing
     torch.manual_seed(0)
@@ -267,6 +291,37 @@ def fast_path_table(args) -> str:
         _row(lines, "torch.compile of the blocks (`compile_blocks`)", "ViT-S/16 infer (bf16, fast eager paths)",
              "eager", r["eager"], "compiled", r["compiled"], B,
              f"compile time {compile_s:.0f} s; {'pays' if r['compiled'] < 0.95 * r['eager'] else 'does not pay here: off by default'}")
+    # 8. (last: mallopt settings stay for the rest of the process, and glibc's adaptive default
+    # cannot be restored) large tensors always mmap'd and page-faulted (before) vs kept in the heap
+    # (after), for vitlab and for the peer. The main table runs both with glibc's defaults.
+    torch.manual_seed(0)
+    pair = bench.build_pair("vit_s16", "transformers")
+    m = fast.optimize_for_inference(pair.ours)
+    peer = pair.peer.eval()
+
+    def with_alloc(tuned, ours):
+        def f():
+            if tuned:
+                fast.tune_cpu_allocator()
+            else:
+                fast.tune_cpu_allocator(128 << 10, 128 << 10)  # glibc's initial values, adaptation off
+            with torch.inference_mode():
+                if ours:
+                    m(x)
+                else:
+                    with torch.autocast("cpu", torch.bfloat16):
+                        pair.peer_forward(x)
+        return f
+    r = _alternate({"default": with_alloc(False, True), "tuned": with_alloc(True, True),
+                    "peer_default": with_alloc(False, False), "peer_tuned": with_alloc(True, False)}, steps)
+    _row(lines, "CPU allocator keeps freed memory (`tune_cpu_allocator`)", "ViT-S/16 infer, vitlab",
+         "mmap threshold 128 KiB",
+         r["default"], "tuned", r["tuned"], B, "measured last; the main table runs every implementation with glibc's "
+         "defaults (adaptive threshold)")
+    _row(lines, "the same, given to the peer", "ViT-S/16 infer, transformers", "mmap threshold 128 KiB",
+         r["peer_default"], "tuned", r["peer_tuned"], B, "what `transformers` would gain from it")
+    del peer, pair, m
+
     return "\n".join(lines)
 
 
@@ -282,12 +337,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fast-paths", action="store_true", help="only the main table")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
-    args.steps = args.steps or (2 if args.quick else 5)
+    args.steps = args.steps or (2 if args.quick else 7)
     args.train_steps = args.train_steps or (1 if args.quick else 3)
     args.no_compile = args.no_compile or args.quick
 
     start = time.perf_counter()
-    tuned = fast.tune_cpu_allocator()
+    # every implementation runs with the C allocator as shipped (glibc's defaults); the fast-path
+    # table measures what `tune_cpu_allocator` would give vitlab and the peer
     dev = torch.device("cpu")
     peak = bench.matmul_peak(dev, torch.bfloat16)
     peak32 = bench.matmul_peak(dev, torch.float32)
@@ -295,18 +351,23 @@ def main(argv=None) -> int:
     log(f"{device}: bf16 matmul peak {peak / 1e12:.2f} TFLOP/s, fp32 {peak32 / 1e12:.2f}")
     table, _ = main_table(args, peak)
     fp_table = "" if args.no_fast_paths else fast_path_table(args)
+    # measured again at the end: a machine shared with other tenants can change speed during a run
+    peak_end = bench.matmul_peak(dev, torch.bfloat16)
+    log(f"bf16 matmul peak at the end: {peak_end / 1e12:.2f} TFLOP/s")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     cmd = "python benchmarks/speed_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
     date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     facts = (f"- device: {device}; torch {torch.__version__}, Python {platform.python_version()}\n"
              f"- measured bf16 matmul peak: {peak / 1e12:.2f} TFLOP/s (fp32: {peak32 / 1e12:.2f}), 4096^2 "
-             f"(fp32: 2048^2) product, best of 5, at the start of the run\n"
+             f"(fp32: 2048^2) product, best of 5, at the start of the run (bf16 again at the end: "
+             f"{peak_end / 1e12:.2f})\n"
              f"- command: `{cmd.strip()}`; date: {date}; run time {time.perf_counter() - start:.0f} s; "
              f"1-min load average at the end: {load:.1f}\n"
              f"- batch {args.batch_size}, 224 px, bf16; median of {args.steps} inference / {args.train_steps} "
-             f"training steps after 1 warm-up, vitlab and peer alternating in one process; CPU allocator tuned "
-             f"(`tune_cpu_allocator`): {tuned}, for every implementation alike\n"
-             f"- vitlab: `optimize_for_inference` (bf16 weights, fused linear epilogues, auto-tuned attention, "
+             f"training steps after 1 warm-up, vitlab and peer alternating in one process; C allocator: glibc's "
+             f"defaults for every implementation (as shipped; see the allocator rows of the fast-path table)\n"
+             f"- vitlab: `optimize_for_inference` (bf16 weights, fused linear epilogues, MLP in row blocks, SDPA "
+             f"attention, "
              f"BN folding, channels-last for conv models) and bf16 training with float32 master weights and "
              f"fused AdamW. Peers: float32 weights under bf16 autocast, SDPA attention (transformers' ViT; its "
              f"CvT has no SDPA path), fused AdamW, channels-last for ConvMixer.")

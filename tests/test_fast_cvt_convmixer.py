@@ -321,3 +321,26 @@ def test_convmixer_fused_path_not_used_in_training_or_float32():
         model(x).sum().backward()
     assert "mkldnn::_convolution_pointwise" not in {e.name for e in prof.events()}
     assert model.blocks[0].dw.weight.grad is not None
+
+
+def test_convmixer_bf16_training_runs_depthwise_in_float32_with_matching_gradients(monkeypatch):
+    torch.manual_seed(0)
+    ref = convmixer_mod.ConvMixerLayer(16, 5, nn.GELU).train()
+    _randomize(ref, seed=5)
+    lb = copy.deepcopy(ref).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    plain = copy.deepcopy(lb)
+    x = torch.randn(2, 16, 9, 9)
+    xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    assert fast.depthwise_conv_f32_pays(xb, lb.dw) and not fast.depthwise_conv_f32_pays(x, ref.dw)
+    ref(x).square().sum().backward()
+    seen = []
+    real = fast.conv2d_f32
+    monkeypatch.setattr(fast, "conv2d_f32", lambda x, conv: seen.append(x.dtype) or real(x, conv))
+    out = lb(xb)
+    out.float().square().sum().backward()
+    assert seen == [torch.bfloat16] and out.dtype == torch.bfloat16  # the float32 path ran, bf16 out
+    with fast.reference_mode():
+        plain(xb).float().square().sum().backward()
+    for (name, p), q, r in zip(lb.named_parameters(), plain.parameters(), ref.parameters()):
+        err, plain_err = _rel(p.grad, r.grad), _rel(q.grad, r.grad)
+        assert err < 1.5 * plain_err + 3e-2, (name, err, plain_err)

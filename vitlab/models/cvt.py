@@ -163,10 +163,8 @@ def _dw_bn(proj: nn.Sequential, fmap: torch.Tensor) -> torch.Tensor:
     """BN(depthwise conv(fmap)) on a channels-last map, computed the fastest correct way.
 
     - BN with running statistics (eval): one conv with the BN folded into its weight and bias.
-    - Training in bf16 on CPU with a strided conv: the conv + BN run in float32. oneDNN's bf16
-      backward of a strided depthwise conv is 5-15x slower than the float32 one (measured at
-      CvT-13's stride-2 key/value shapes: 80-100 ms vs 5-17 ms per call at batch 32), far more
-      than the two casts cost; the values are the same up to bf16 rounding of the output.
+    - Training in bf16 on CPU with a strided conv: the conv + BN run in float32
+      (`fast.depthwise_conv_f32_pays`: oneDNN's bf16 depthwise backward is 5-15x slower here).
     - Otherwise: the module as it is.
     """
     conv, bn = proj.conv, proj.bn
@@ -175,14 +173,12 @@ def _dw_bn(proj: nn.Sequential, fmap: torch.Tensor) -> torch.Tensor:
     if not _bn_uses_batch_stats(bn):
         w, b = _folded_dw_bn(proj)
         return F.conv2d(fmap, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if (fmap.device.type == "cpu" and conv.stride != (1, 1) and torch.is_grad_enabled()
-            and (fmap.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu"))):
-        dt = torch.bfloat16 if torch.is_autocast_enabled("cpu") else fmap.dtype
+    if conv.stride != (1, 1) and fast.depthwise_conv_f32_pays(fmap, conv):
         with torch.autocast("cpu", enabled=False):
             y = F.conv2d(fmap.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(),
                          conv.stride, conv.padding, conv.dilation, conv.groups)
             y = _batch_norm_f32(bn, y)
-        return y.to(dt)
+        return y.to(torch.bfloat16)
     return bn(conv(fmap))
 
 
@@ -340,7 +336,7 @@ class CvTBlock(nn.Module):
         self.attn = ConvAttention(dim, num_heads, qkv_bias, conv_proj, kv_stride, kernel, attn_scale, attn_drop, drop)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, fused_inference=True)
 
     def forward(self, x, grid, num_prefix_tokens: int = 0, return_attn: bool = False):
         if self.drop_path.p == 0.0 or not self.training:

@@ -194,11 +194,29 @@ def linear(x: torch.Tensor, layer: nn.Linear, act: str | None = None,
     return out if residual is None else residual + out
 
 
+def depthwise_conv_f32_pays(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """True when a grouped conv about to be trained on CPU in bf16 (weights or autocast) should
+    run in float32 instead: oneDNN's bf16 depthwise-conv backward is several times slower than
+    the float32 one (measured, batch 32, channels-last, forward + backward: ConvMixer-768/32's
+    9x9 layer 1072 vs 593 ms; CvT-13's stride-2 key/value projections 80-100 vs 5-17 ms), far
+    more than the two casts cost. The values are the same up to bf16 rounding of the output."""
+    return (_STATE["enabled"] and x.device.type == "cpu" and conv.groups > 1 and torch.is_grad_enabled()
+            and (x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                               and torch.get_autocast_dtype("cpu") == torch.bfloat16)))
+
+
+def conv2d_f32(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """`conv(x)` computed in float32 (autocast off), returned in bf16 (see depthwise_conv_f32_pays)."""
+    with torch.autocast("cpu", enabled=False):
+        y = F.conv2d(x.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(),
+                     conv.stride, conv.padding, conv.dilation, conv.groups)
+    return y.to(torch.bfloat16)
+
+
 # Rows of an MLP computed at once in bf16 inference: keeps the (rows, 4C) hidden activation
 # under ~16 MB. Larger buffers are served by fresh mmap'd pages from the OS on every call (glibc
 # cannot keep blocks over 32 MB in its heap), whose page faults cost as much as the GELU:
-# CvT-13's stage-1 hidden layer is 51 MB at batch 32, ViT-B/16's 39 MB (measured on one core:
-# ViT-B/16's MLP 130 ms in one piece, 70 ms in 16 MB row blocks).
+# CvT-13's stage-1 hidden layer is 51 MB at batch 32.
 MLP_CHUNK_BYTES = 16 << 20
 
 
