@@ -174,9 +174,8 @@ def _dw_bn(proj: nn.Sequential, fmap: torch.Tensor) -> torch.Tensor:
         w, b = _folded_dw_bn(proj)
         return F.conv2d(fmap, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
     if conv.stride != (1, 1) and fast.depthwise_conv_f32_pays(fmap, conv):
+        y = fast.conv2d_f32(fmap, conv, out_dtype=None)
         with torch.autocast("cpu", enabled=False):
-            y = F.conv2d(fmap.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(),
-                         conv.stride, conv.padding, conv.dilation, conv.groups)
             y = _batch_norm_f32(bn, y)
         return y.to(torch.bfloat16)
     return bn(conv(fmap))

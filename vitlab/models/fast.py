@@ -205,12 +205,13 @@ def depthwise_conv_f32_pays(x: torch.Tensor, conv: nn.Conv2d) -> bool:
                                                and torch.get_autocast_dtype("cpu") == torch.bfloat16)))
 
 
-def conv2d_f32(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """`conv(x)` computed in float32 (autocast off), returned in bf16 (see depthwise_conv_f32_pays)."""
+def conv2d_f32(x: torch.Tensor, conv: nn.Conv2d, out_dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+    """`conv(x)` computed in float32 (autocast off), returned in `out_dtype` (None: float32);
+    see depthwise_conv_f32_pays."""
     with torch.autocast("cpu", enabled=False):
         y = F.conv2d(x.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(),
                      conv.stride, conv.padding, conv.dilation, conv.groups)
-    return y.to(torch.bfloat16)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 # Rows of an MLP computed at once in bf16 inference: keeps the (rows, 4C) hidden activation
