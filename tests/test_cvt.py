@@ -318,3 +318,30 @@ def test_bad_inputs_raise():
         model(torch.randn(3, 28, 28))
     with pytest.raises(ConfigError, match="too small"):
         model(torch.randn(1, 3, 0, 28))
+
+
+def test_class_token_forward_in_eval_equals_the_full_model():
+    """In evaluation `forward` computes only the class token in the last block (skipping its
+    query convolution, the patch tokens' attention rows, projection and MLP); the logits equal
+    the head on the full final tokens. In training every token is computed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create_model("cvt_13", num_classes=7, img_size=64, depths=(1, 1, 2)).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    model.train()
+    model(x)  # give the BatchNorms running statistics that are not the identity
+    model.eval()
+    with torch.no_grad():
+        fast_logits = model(x)
+        full_logits = model.forward_head(model.forward_features(x))
+    torch.testing.assert_close(fast_logits, full_logits, rtol=1e-10, atol=1e-12)
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        with FlopCounterMode(display=False) as fast_count:
+            model(x)
+        with FlopCounterMode(display=False) as full_count:
+            model.forward_head(model.forward_features(x))
+        model.train()
+        with FlopCounterMode(display=False) as train_count:
+            model(x)
+    assert fast_count.get_total_flops() < full_count.get_total_flops() == train_count.get_total_flops()

@@ -431,3 +431,21 @@ def test_auto_attention_rule_is_deterministic():
     long_q = torch.randn(1, 1, 3136, 8, requires_grad=True)
     long_k = torch.randn(1, 1, 784, 8, requires_grad=True)
     assert fast._choose_kernel(long_q, long_k, long_k, 1.0, None, 0.0, True) == "sdpa"
+
+
+def test_compiled_blocks_compute_the_same_function():
+    """`compile_blocks` (the `--compile` path) compiles each block in place; the compiled model
+    gives the eager model's logits (float32, inductor on CPU)."""
+    import shutil
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler; none on PATH")
+    torch.manual_seed(0)
+    model = vitlab.create_model("vit_nano_p2", num_classes=5, img_size=8, depth=2).eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        eager = model(x)
+        assert fast.compile_blocks(model) == 2
+        assert all(blk._compiled_call_impl is not None for blk in model.blocks)  # compiled in place
+        compiled = model(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

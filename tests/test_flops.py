@@ -89,3 +89,27 @@ def test_depthwise_conv_backward_counts_like_its_forward():
     assert count_flops(net, img_size=h, in_chans=c) == 2 * one_layer
     # backward: layer 2 needs both gradients, layer 1 only its weight's (the images need none)
     assert count_flops(net, img_size=h, in_chans=c, backward=True) == 2 * one_layer + 3 * one_layer
+
+
+def test_class_token_forward_skips_exactly_the_unused_last_block_work():
+    """`model(x)` of a class-token ViT computes only the class token's output in the last block
+    (all the head reads); count_flops still counts the whole encoder, as the papers do. The
+    work skipped is, for the N-1 patch tokens of the last block: their attention rows (QK^T
+    and AV), the output projection and the MLP."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, d = 50, 128
+    for depth in (1, 3):
+        model = small_vit(depth=depth).eval()
+        # (the math backend: the counter does not see the CPU flash-attention kernel)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, 1, 28, 28))
+        skipped = (n - 1) * (2 * 2 * n * d + 2 * d * d + 2 * 2 * d * 4 * d)
+        assert count_flops(model) == vit_flops(28, 4, 1, d, depth, 10, cls_token=True)
+        assert counter.get_total_flops() == count_flops(model) - skipped
+    # average pooling reads every token: nothing is skipped
+    model = small_vit(depth=2, global_pool="avg").eval()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28))
+    assert counter.get_total_flops() == count_flops(model)

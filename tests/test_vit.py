@@ -371,3 +371,26 @@ def test_wrong_input_at_run_time():
     dynamic = tiny(dynamic_img_size=True)
     with pytest.raises(ConfigError, match=r"input 18x16 is not divisible by the patch size"):
         dynamic(torch.randn(1, 3, 18, 16))
+
+
+@pytest.mark.parametrize("kw", [{}, {"pos_embed": "relative"}, {"drop_path_rate": 0.2}, {"grad_checkpointing": True}])
+def test_class_token_forward_equals_the_full_encoder_in_value_and_gradient(kw):
+    """`forward` runs the last block for the class token only; in float64 its logits and every
+    parameter's gradient equal those of the head on the full encoder's output (forward_features)."""
+    kw = dict(kw)
+    ckpt = kw.pop("grad_checkpointing", False)
+    model = create_model("vit_nano_p2", num_classes=5, img_size=8, depth=3, **kw).double().train()
+    if ckpt:
+        model.set_grad_checkpointing(True)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    params = list(model.parameters())
+    torch.manual_seed(7)  # the same stochastic-depth draws on both paths
+    fast_logits = model(x)
+    g_fast = torch.autograd.grad(fast_logits.square().sum(), params)
+    torch.manual_seed(7)
+    ref_logits = model.forward_head(model.forward_features(x))
+    g_ref = torch.autograd.grad(ref_logits.square().sum(), params)
+    assert fast_logits.shape == (3, 5)
+    torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-10, atol=1e-12)
+    for (name, _), a, b in zip(model.named_parameters(), g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)

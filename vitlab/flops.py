@@ -28,9 +28,19 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
 _CUSTOM_FLOPS = {aten.convolution_backward: _conv_backward_flop}
 
 
+def _nominal_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's function as the papers count it: every token through every block. (A
+    class-token ViT's `forward` computes only the class token in its last block, which is all
+    the logits need; the papers' GFLOPs, and model-FLOPs utilisation, count the whole encoder.)"""
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        return model.forward_head(model.forward_features(x))
+    return model(x)
+
+
 def count_flops(model: nn.Module, img_size=None, in_chans: int | None = None, batch_size: int = 1,
                 backward: bool = False) -> int:
-    """FLOPs of one forward (and backward when asked) pass on `batch_size` images."""
+    """FLOPs of one forward (and backward when asked) pass on `batch_size` images (the whole
+    encoder, as the papers count them; see `_nominal_forward`)."""
     if img_size is None:
         img_size = getattr(model, "img_size", 224)
     if isinstance(img_size, int):
@@ -46,10 +56,10 @@ def count_flops(model: nn.Module, img_size=None, in_chans: int | None = None, ba
         # the CPU flash kernel is not registered with it and would count as zero.
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
             if backward:
-                model(x).float().sum().backward()
+                _nominal_forward(model, x).float().sum().backward()
             else:
                 with torch.no_grad():
-                    model(x)
+                    _nominal_forward(model, x)
     finally:
         model.train(was_training)
         if backward:

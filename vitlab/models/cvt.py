@@ -294,9 +294,13 @@ class ConvAttention(nn.Module):
         return out, None
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 0, return_attn: bool = False,
-                residual: torch.Tensor | None = None):
+                residual: torch.Tensor | None = None, queries: int | None = None):
+        """`queries=n` (n <= num_prefix_tokens): outputs for the first n (class) tokens only;
+        their queries bypass the convolution, so the query map projection is skipped."""
         B, N, C = x.shape
         p = num_prefix_tokens
+        if queries is not None and not 0 < queries <= p:
+            raise ConfigError(f"queries={queries} must select class tokens (1..{p}) of this stage")
         prefix, tokens = x[:, :p], x[:, p:]
         if p and self.conv_proj_q is not None and fast.fast_paths_enabled():
             # one dense copy of the patch tokens: a slice after the class token has a batch
@@ -307,17 +311,21 @@ class ConvAttention(nn.Module):
         # with a class token the projections' gradients arrive as slices of the gradient of
         # the concatenation below: made dense before they reach BatchNorm / conv backward
         dense = bool(p) and fast.fast_paths_enabled()
-        q = self._squeeze(self.conv_proj_q, fmap, tokens, dense)
         k = self._squeeze(self.conv_proj_k, fmap, tokens, dense)
         v = self._squeeze(self.conv_proj_v, fmap, tokens, dense)
         if p:  # the class token is never convolved: re-attached before the linear projections
-            q, k, v = (torch.cat([prefix, t], dim=1) for t in (q, k, v))
+            k, v = (torch.cat([prefix, t], dim=1) for t in (k, v))
+        if queries is not None:
+            q = prefix[:, :queries]
+        else:
+            q = self._squeeze(self.conv_proj_q, fmap, tokens, dense)
+            q = torch.cat([prefix, q], dim=1) if p else q
         H, d = self.num_heads, self.head_dim
         q = self.proj_q(q).reshape(B, q.shape[1], H, d).transpose(1, 2)
         k = self.proj_k(k).reshape(B, k.shape[1], H, d).transpose(1, 2)
         v = self.proj_v(v).reshape(B, v.shape[1], H, d).transpose(1, 2)
         out, attn = self._attention(q, k, v, return_attn)
-        out = out.transpose(1, 2).reshape(B, N, C)
+        out = out.transpose(1, 2).reshape(B, q.shape[2], C)
         if residual is not None and not (self.training and self.proj_drop.p > 0):
             return fast.linear(out, self.proj, residual=residual), attn
         out = self.proj_drop(fast.linear(out, self.proj))
@@ -337,12 +345,16 @@ class CvTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, fused_inference=True)
 
-    def forward(self, x, grid, num_prefix_tokens: int = 0, return_attn: bool = False):
+    def forward(self, x, grid, num_prefix_tokens: int = 0, return_attn: bool = False, queries: int | None = None):
+        """`queries=n`: the output of the first n (class) tokens only (see ConvAttention)."""
+        h = self.norm1(x)
+        if queries is not None:
+            x = x[:, :queries]
         if self.drop_path.p == 0.0 or not self.training:
             # no stochastic depth: the residual adds ride on the output projections (fast.linear)
-            x, attn = self.attn(self.norm1(x), grid, num_prefix_tokens, return_attn, residual=x)
+            x, attn = self.attn(h, grid, num_prefix_tokens, return_attn, residual=x, queries=queries)
             return self.mlp(self.norm2(x), residual=x), attn
-        y, attn = self.attn(self.norm1(x), grid, num_prefix_tokens, return_attn)
+        y, attn = self.attn(h, grid, num_prefix_tokens, return_attn, queries=queries)
         x = self._drop_path_add(x, y)
         x = self._drop_path_add(x, self.mlp(self.norm2(x)))
         return x, attn
@@ -572,7 +584,9 @@ class ConvolutionalVisionTransformer(nn.Module):
                               f"tokens); use images of at least {self.stage_strides[-1]}x{self.stage_strides[-1]}")
 
     # ------------------------------------------------------------------ forward
-    def _run(self, x: torch.Tensor, return_attn: bool = False, return_hidden: bool = False) -> dict:
+    def _run(self, x: torch.Tensor, return_attn: bool = False, return_hidden: bool = False,
+             last_queries: int | None = None) -> dict:
+        """`last_queries=n`: the very last block computes only the first n (class) tokens."""
         self._check(x)
         attentions, grids_info, hidden, stage_embeddings = [], [], [], []
         z, grid = x, None
@@ -586,8 +600,9 @@ class ConvolutionalVisionTransformer(nn.Module):
             p = stage.num_prefix_tokens
             if return_hidden:
                 stage_embeddings.append(z)
-            for blk in stage.blocks:
-                z, attn = blk(z, grid, p, return_attn)
+            for j, blk in enumerate(stage.blocks):
+                last = i == len(self.stages) - 1 and j == len(stage.blocks) - 1
+                z, attn = blk(z, grid, p, return_attn, queries=last_queries if last else None)
                 if return_attn:
                     attentions.append(attn)
                     grids_info.append(dict(stage=i, q_grid=tuple(grid), kv_grid=blk.attn.kv_grid(grid),
@@ -612,7 +627,12 @@ class ConvolutionalVisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        # class-token pooling reads only the class token of the last block: in evaluation,
+        # compute just that one there (the same logits; forward_features returns every token).
+        # Not in training: the skipped query convolution's BatchNorm would miss its statistics
+        # update and its parameters their (zero) gradients, which weight decay and DDP expect.
+        last_queries = 1 if self.global_pool == "token" and not self.training else None
+        return self.forward_head(self._run(x, last_queries=last_queries)["tokens"])
 
     def forward_intermediates(self, x: torch.Tensor, return_attention: bool = True,
                               return_hidden_states: bool = True) -> dict:

@@ -274,16 +274,19 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(tokens)
 
     def encode(self, z: torch.Tensor, grid: tuple[int, int], return_attn: bool = False,
-               return_hidden: bool = False) -> dict:
+               return_hidden: bool = False, last_queries: int | None = None) -> dict:
         """Run the encoder blocks on z0. Returns {'tokens': LN(z_L), 'attentions': [...],
-        'hidden_states': [z0, z1, ..., zL]} (lists only when asked for)."""
+        'hidden_states': [z0, z1, ..., zL]} (lists only when asked for). `last_queries=n`: the
+        last block computes only the first n tokens' outputs (z_L is then (B, n, D))."""
         attentions, hidden = [], [z] if return_hidden else []
+        last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             bias = self.rel_pos[i](grid) if self.rel_pos is not None else None
+            queries = last_queries if i == last else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled() and not return_attn:
-                z, attn = checkpoint(blk, z, False, bias, use_reentrant=False)
+                z, attn = checkpoint(blk, z, False, bias, queries, use_reentrant=False)
             else:
-                z, attn = blk(z, return_attn=return_attn, bias=bias)
+                z, attn = blk(z, return_attn=return_attn, bias=bias, queries=queries)
             if return_attn:
                 attentions.append(attn)
             if return_hidden:
@@ -304,7 +307,12 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        tokens, grid = self.patch_tokens(x)
+        # class-token pooling reads only token 0 of the last block: compute just that one
+        # (exactly the same logits and gradients; forward_features still returns every token)
+        last_queries = 1 if self.global_pool == "token" and len(self.blocks) else None
+        z = self.encode(self.embed_tokens(tokens, grid), grid, last_queries=last_queries)["tokens"]
+        return self.forward_head(z)
 
     def forward_intermediates(self, x: torch.Tensor, return_attention: bool = True,
                               return_hidden_states: bool = True) -> dict:
