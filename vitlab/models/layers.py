@@ -251,8 +251,8 @@ class Block(nn.Module):
     def forward(self, x, return_attn: bool = False, bias: torch.Tensor | None = None, queries: int | None = None):
         """`queries=n`: the block's output for the first n tokens only (B, n, D), attending to
         all of x. With class-token pooling the last block needs only the class token's output:
-        the same logits for about a sixth of that block's work (its MLP and output projection
-        run on one token instead of N)."""
+        the same logits for about a quarter of that block's work (the qkv projection still runs
+        on every token; attention, output projection and MLP on one)."""
         h = self.norm1(x)
         if queries is not None:
             x = x[:, :queries]
