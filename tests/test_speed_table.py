@@ -48,5 +48,7 @@ def test_code_fingerprint_follows_the_package_sources(speed_table, tmp_path, mon
     monkeypatch.setattr(speed_table, "PACKAGE", pkg)
     first = speed_table.code_fingerprint()
     assert speed_table.code_fingerprint() == first
+    (pkg / "models" / "b.py").write_text('"""A docstring."""\n# a comment\ny = 2  # another\n')
+    assert speed_table.code_fingerprint() == first  # prose is not code
     (pkg / "models" / "b.py").write_text("y = 3\n")
     assert speed_table.code_fingerprint() != first
