@@ -60,8 +60,8 @@ def _code_only(source: str) -> str:
 
 
 def code_fingerprint(package: Path | None = None) -> str:
-    """A hash of vitlab's code (docstrings and comments excluded): runs with the same
-    fingerprint measured the same code."""
+    """A hash of vitlab's code (Python without docstrings and comments, and the C++ kernels):
+    runs with the same fingerprint measured the same code."""
     import hashlib
 
     package = PACKAGE if package is None else package
@@ -69,6 +69,9 @@ def code_fingerprint(package: Path | None = None) -> str:
     for f in sorted(package.rglob("*.py")):
         h.update(str(f.relative_to(package)).encode())
         h.update(_code_only(f.read_text()).encode())
+    for f in sorted(package.rglob("*.cpp")):  # the CPU kernels (vitlab/csrc), byte for byte
+        h.update(str(f.relative_to(package)).encode())
+        h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -166,20 +169,37 @@ def fast_path_table(args) -> str:
         with torch.inference_mode(), fast.reference_mode():
             m(x)
 
-    def all_fast():
-        with torch.inference_mode():
-            m(x)
+    kernels = fast.use_cpu_kernels(m, None)  # vitlab's CPU kernels, where they can be built
+
+    def all_fast(with_kernels=False):
+        def f():
+            fast.use_cpu_kernels(m, with_kernels)
+            with torch.inference_mode():
+                m(x)
+        return f
 
     def full_last_block():  # every token through the last block, as forward_features computes it
+        fast.use_cpu_kernels(m, False)
         with torch.inference_mode():
             m.forward_head(m.forward_features(x))
-    r = _alternate({"a": autocast_fp32, "b": bf16_weights, "full": full_last_block, "c": all_fast}, steps)
+    fns = {"a": autocast_fp32, "b": bf16_weights, "full": full_last_block, "c": all_fast()}
+    if kernels:
+        fns["k"] = all_fast(True)
+    r = _alternate(fns, steps)
     _row(lines, "bf16 weights cast once (`optimize_for_inference`)", "ViT-S/16 infer", "fp32 + autocast", r["a"],
          "bf16 weights", r["b"], B, "no per-call weight casts; bf16 norms/residuals")
     _row(lines, "fused bias / residual add in the linear layers (oneDNN), GELU in place", "ViT-S/16 infer",
          "F.linear + add, new GELU output", r["b"], "fused", r["full"], B, "qkv is one fused projection in both")
     _row(lines, "last block computes the class token only (`forward`)", "ViT-S/16 infer", "all 197 tokens",
          r["full"], "class token", r["c"], B, "the head reads only the class token: same logits")
+    if kernels:
+        _row(lines, "vitlab's CPU kernels: fused attention + layer norm (`cpu_kernels`)", "ViT-S/16 infer",
+             "PyTorch's SDPA + layer norm", r["c"], "vitlab kernels", r["k"], B,
+             "AMX products + AVX-512 softmax in one pass per head; on by default where they build")
+    else:
+        from vitlab.models import cpu_kernels
+        lines.append(f"| vitlab's CPU kernels (`cpu_kernels`) | ViT-S/16 infer | - | - | - | not measured: "
+                     f"{cpu_kernels.unavailable_reason()} |")
 
     # 3. attention kernels at ViT-S and ViT-B shapes
     for label, heads in (("ViT-S/16", 6), ("ViT-B/16", 12)):
@@ -191,7 +211,11 @@ def fast_path_table(args) -> str:
                 with torch.inference_mode():
                     fast.attention(q, k, v)
             return f
-        r = _alternate({"matmul": kern("matmul"), "sdpa": kern("sdpa")}, steps + 2)
+        def fused():
+            with torch.inference_mode():
+                fast.attention(q, k, v, cpu_kernel=True)
+        r = _alternate({"matmul": kern("matmul"), "sdpa": kern("sdpa"), **({"fused": fused} if kernels else {})},
+                       steps + 2)
         fast.set_attention_kernel("auto")
         flops = 4 * B * heads * 197 * 197 * 64
         best = min(r, key=r.get)
@@ -199,6 +223,9 @@ def fast_path_table(args) -> str:
              "explicit matmul+softmax", r["matmul"], "SDPA", r["sdpa"], None,
              f"faster here: {best}; SDPA {flops / r['sdpa'] / 1e12:.2f} TFLOP/s (its exponentials, not its "
              f"products, bound it)")
+        if kernels:
+            _row(lines, "vitlab's fused CPU attention (`cpu_kernels`)", f"{label} attention, bf16", "SDPA",
+                 r["sdpa"], "vitlab fused", r["fused"], None, f"{flops / r['fused'] / 1e12:.2f} TFLOP/s")
 
     # 3b. the MLP in row blocks with GELU in oneDNN's epilogue vs separate kernels, at ViT-B/16
     # (opt-in per model: `Mlp.fused_inference`, on for CvT)
@@ -409,6 +436,7 @@ def main(argv=None) -> int:
     args.no_compile = args.no_compile or args.quick
 
     start = time.perf_counter()
+    code = code_fingerprint()  # now: the code this process imports, even if files change during the run
     # every implementation runs with the C allocator as shipped (glibc's defaults); the fast-path
     # table measures what `tune_cpu_allocator` would give vitlab and the peer
     dev = torch.device("cpu")
@@ -425,9 +453,9 @@ def main(argv=None) -> int:
     cmd = "python benchmarks/speed_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
     date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     facts = (f"- device: {device}; torch {torch.__version__}, Python {platform.python_version()}\n"
-             f"- measured bf16 matmul peak: {peak / 1e12:.2f} TFLOP/s (fp32: {peak32 / 1e12:.2f}), 4096^2 "
-             f"(fp32: 2048^2) product, best of 5, at the start of the run (bf16 again at the end: "
-             f"{peak_end / 1e12:.2f})\n"
+             f"- measured bf16 matmul peak: {peak / 1e12:.2f} TFLOP/s (fp32: {peak32 / 1e12:.2f}), the best of a "
+             f"4096^2 product and ViT-shaped (6272 x 384|768 x 4 width) products (fp32: 2048^2 and one ViT "
+             f"shape), best of 5 each, at the start of the run (bf16 again at the end: {peak_end / 1e12:.2f})\n"
              f"- command: `{cmd.strip()}`; date: {date}; run time {time.perf_counter() - start:.0f} s; "
              f"1-min load average at the end: {load:.1f}\n"
              f"- batch {args.batch_size}, 224 px, bf16; median of {args.steps} inference / {args.train_steps} "
@@ -435,7 +463,8 @@ def main(argv=None) -> int:
              f"warm-up steps (1 for ConvMixer training), vitlab and peer alternating in one process; C allocator: glibc's "
              f"defaults for every implementation (as shipped; see the allocator rows of the fast-path table)\n"
              f"- vitlab: `optimize_for_inference` (bf16 weights, fused linear epilogues, GELU in place, CvT's MLP "
-             f"in row blocks, SDPA attention, BN folding, channels-last for conv models), the last block computing "
+             f"in row blocks, vitlab's fused CPU attention and layer norm on AMX CPUs (else SDPA), BN folding, "
+             f"channels-last for conv models), the last block computing "
              f"only the class token the head reads, and bf16 training with float32 master weights and "
              f"fused AdamW. Peers: float32 weights under bf16 autocast, SDPA attention (transformers' ViT; its "
              f"CvT has no SDPA path), fused AdamW, channels-last for ConvMixer.")
@@ -447,7 +476,6 @@ def main(argv=None) -> int:
     report = (f"# vitlab speed on this machine\n\n{facts}\n\n## vitlab vs the well-known implementations (CPU)\n\n"
               f"{table}\n")
     full_run = not (args.models or args.quick or args.no_write) and args.batch_size == 32
-    code = code_fingerprint()
     settings = dict(steps=args.steps, train_steps=args.train_steps, warmup=args.warmup)
     runs = []
     if HISTORY.exists():

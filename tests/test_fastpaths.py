@@ -364,6 +364,16 @@ def test_matmul_peak_is_measured():
     assert matmul_peak("cpu", torch.float32, size=256, reps=2) > 1e8
 
 
+def test_matmul_peak_takes_the_best_of_square_and_transformer_shapes():
+    from vitlab.bench import CPU_PEAK_SHAPES, matmul_peak_by_shape
+
+    # the default ceiling is not only a square product: ViT-shaped products run faster on AMX
+    assert any(len({m, k, n}) > 1 for m, k, n in CPU_PEAK_SHAPES)
+    shapes = ((96, 64, 128), (64, 64, 64))
+    got = matmul_peak_by_shape("cpu", torch.float32, shapes=shapes, reps=2)
+    assert list(got) == list(shapes) and all(v > 1e7 for v in got.values())
+
+
 def test_cli_bench_timm_without_timm_is_one_clear_error():
     try:
         import timm  # noqa: F401
@@ -449,3 +459,23 @@ def test_compiled_blocks_compute_the_same_function():
         assert all(blk._compiled_call_impl is not None for blk in model.blocks)  # compiled in place
         compiled = model(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("patch,size", [(16, (32, 48)), (4, (28, 28)), (1, (5, 7))])
+def test_patch_embedding_as_one_matrix_product_is_the_strided_conv(patch, size):
+    # the CPU fast path (reshape into patch rows + one product) computes the conv's function,
+    # values and gradients, on non-square inputs too
+    from vitlab.models.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(size, patch, 3, 24, dynamic_img_size=True).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    out, grid = pe(x)
+    g = torch.randn_like(out)
+    gx, gw, gb = torch.autograd.grad(out, (x, pe.proj.weight, pe.proj.bias), g)
+    with fast.reference_mode():
+        ref, ref_grid = pe(x)
+        rx, rw, rb = torch.autograd.grad(ref, (x, pe.proj.weight, pe.proj.bias), g)
+    assert grid == ref_grid == (size[0] // patch, size[1] // patch)
+    for a, b in ((out, ref), (gx, rx), (gw, rw), (gb, rb)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -51,4 +51,8 @@ def test_code_fingerprint_follows_the_package_sources(speed_table, tmp_path, mon
     (pkg / "models" / "b.py").write_text('"""A docstring."""\n# a comment\ny = 2  # another\n')
     assert speed_table.code_fingerprint() == first  # prose is not code
     (pkg / "models" / "b.py").write_text("y = 3\n")
-    assert speed_table.code_fingerprint() != first
+    second = speed_table.code_fingerprint()
+    assert second != first
+    (pkg / "csrc").mkdir()
+    (pkg / "csrc" / "k.cpp").write_text("int f() { return 1; }\n")
+    assert speed_table.code_fingerprint() != second  # the C++ kernels are code too

@@ -70,25 +70,49 @@ def time_alternating(fns: dict[str, Callable[[], object]], steps: int, warmup: i
     return times
 
 
+# Shapes of the practical ceiling on CPU: a square product and the (tokens x width) x (width x
+# 4 width) products of a ViT-S / ViT-B layer at batch 32. On the AMX development CPU the
+# transformer-shaped products ran up to 1.7x faster than the 4096^2 square one (which spills
+# its 32 MB operand out of L2), so a square-only "peak" understated the ceiling and overstated
+# every row's fraction of it.
+CPU_PEAK_SHAPES = ((4096, 4096, 4096), (6272, 384, 1536), (6272, 1536, 384), (6272, 768, 3072))
+CUDA_PEAK_SHAPES = ((8192, 8192, 8192), (25088, 768, 3072), (25088, 3072, 768))
+
+
+def matmul_peak_by_shape(device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                         shapes=None, reps: int = 5) -> dict[tuple[int, int, int], float]:
+    """FLOP/s of (M x K) @ (K x N) products in `dtype` on `device` for each (M, K, N) in
+    `shapes`, measured now: best of `reps`, into a preallocated output (a fresh 30 MB output
+    would add the C allocator's page faults to the product's time)."""
+    device = torch.device(device)
+    if shapes is None:
+        shapes = CUDA_PEAK_SHAPES if device.type == "cuda" else (
+            CPU_PEAK_SHAPES if dtype != torch.float32 else ((2048, 2048, 2048), (6272, 384, 1536)))
+    out = {}
+    with torch.inference_mode():
+        for m, k, n in shapes:
+            a = torch.randn(m, k, device=device, dtype=dtype)
+            b = torch.randn(k, n, device=device, dtype=dtype)
+            c = torch.empty(m, n, device=device, dtype=dtype)
+            torch.mm(a, b, out=c)
+            sync(device)
+            best = math.inf
+            for _ in range(reps):
+                t = time.perf_counter()
+                torch.mm(a, b, out=c)
+                sync(device)
+                best = min(best, time.perf_counter() - t)
+            out[(m, k, n)] = 2 * m * k * n / best
+    return out
+
+
 def matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, size: int | None = None,
                 reps: int = 5) -> float:
-    """FLOP/s of a large square matrix product in `dtype` on `device`, measured now (best of
-    `reps`): the practical ceiling every model row is compared with."""
-    device = torch.device(device)
-    if size is None:
-        size = 8192 if device.type == "cuda" else (2048 if dtype == torch.float32 else 4096)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = math.inf
-    with torch.inference_mode():
-        torch.mm(a, b)
-        sync(device)
-        for _ in range(reps):
-            t = time.perf_counter()
-            torch.mm(a, b)
-            sync(device)
-            best = min(best, time.perf_counter() - t)
-    return 2 * size ** 3 / best
+    """The practical matrix-product ceiling in `dtype` on `device`, measured now: the best
+    FLOP/s of a square product and of transformer-shaped ones (`matmul_peak_by_shape`);
+    `size` measures one square product of that size only. Every model row is compared with it."""
+    shapes = None if size is None else ((size, size, size),)
+    return max(matmul_peak_by_shape(device, dtype, shapes, reps).values())
 
 
 class PeakMemory:
@@ -631,6 +655,11 @@ def run(args) -> int:
           f"{r0.flops_per_step / 1e9:.1f} GFLOP per step; matmul peak {r0.peak_tflops:.2f} TFLOP/s "
           f"({r0.dtype}, measured now); median of {args.steps} steps")
     print(format_table(results))
+    if r0.mode == "infer" and r0.dtype == "bf16" and torch.device(args.device).type == "cpu" and not args.reference:
+        from vitlab.models import cpu_kernels
+        why = cpu_kernels.unavailable_reason()
+        print("vitlab's CPU kernels (fused attention, layer norm): "
+              + ("in use" if cpu_kernels.get() is not None else f"not used ({why})"))
     if len(results) > 1:
         ratio = results[1].step_s / results[0].step_s
         paired = [b / a for a, b in zip(results[0].times, results[1].times)]

@@ -258,6 +258,7 @@ class ConvAttention(nn.Module):
         self.proj_k = ProjLinear(dim, dim, bias=qkv_bias)
         self.proj_v = ProjLinear(dim, dim, bias=qkv_bias)
         self.attn_drop = attn_drop
+        self.cpu_kernel = False  # vitlab's fused CPU attention (set by fast.optimize_for_inference)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -287,6 +288,8 @@ class ConvAttention(nn.Module):
         if (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
                 and k.shape[-2] <= EXPLICIT_TRAIN_MAX_KEYS and fast.fast_paths_enabled()):
             return _explicit_attention(q, k, v, self.scale, drop, self.training)[0], None
+        if self.cpu_kernel and not drop:  # vitlab's fused CPU attention where it applies
+            return fast.attention(q, k, v, self.scale, cpu_kernel=True)
         # fused SDPA otherwise: at all three CvT-13 shapes in bf16 inference it beats explicit
         # products on CPU (one core, batch 32: 73 vs 320 ms, 24 vs 29 ms, 7.0 vs 8.2 ms), so no
         # timed choice (which a busy machine can get wrong) is needed

@@ -332,17 +332,25 @@ def _choose_kernel(q, k, v, scale, bias, dropout_p, training) -> str:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
               bias: torch.Tensor | None = None, dropout_p: float = 0.0, training: bool = False,
-              need_weights: bool = False):
+              need_weights: bool = False, cpu_kernel: bool = False):
     """Multi-head attention core on (B, H, N, d) tensors: softmax(q k^T * scale + bias) v.
 
     `bias` is an additive logit bias broadcastable to (B, H, Nq, Nk) (a (H, Nq, Nk) table is
     allowed). Returns (out (B, H, Nq, d), probabilities (B, H, Nq, Nk) or None). With
     `need_weights` the explicit path runs and returns the probabilities; otherwise the fastest
-    correct kernel for the device and shape (see `set_attention_kernel`).
+    correct kernel for the device and shape (see `set_attention_kernel`). `cpu_kernel`: use
+    vitlab's fused bf16 CPU attention (`cpu_kernels`) where it applies (set on the modules by
+    `optimize_for_inference`); the output is then a view of (B, Nq, H*d) memory.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if need_weights:
         return attention_reference(q, k, v, scale, bias, dropout_p, training)
+    if cpu_kernel and bias is None and not (dropout_p and training) and _STATE["enabled"] and _plain_context():
+        from vitlab.models import cpu_kernels
+
+        mod = cpu_kernels.get()
+        if mod is not None and cpu_kernels.attention_ok(q, k, v):
+            return cpu_kernels.attention(mod, q, k, v, scale), None
     kind = _choose_kernel(q, k, v, scale, bias, dropout_p, training)
     return _KERNELS[kind](q, k, v, scale, bias, dropout_p, training), None
 
@@ -478,7 +486,7 @@ def _image_input_module(model: nn.Module) -> nn.Module:
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bfloat16,
                            channels_last: bool | None = None, fold_bn: bool = True,
-                           compile: bool = False) -> nn.Module:
+                           compile: bool = False, cpu_kernels: bool | None = None) -> nn.Module:
     """Prepare a built model for fast inference, in place; returns it.
 
     - eval mode, autograd off for its parameters;
@@ -488,7 +496,10 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bf
     - channels-last memory for models with spatial convolutions (default: auto);
     - a pre-hook on the first convolution that casts incoming float images to `dtype`
       (and channels-last), whichever entry point (forward, forward_intermediates) is used;
-    - `compile=True`: `torch.compile` of each repeated block (`compile_blocks`).
+    - `compile=True`: `torch.compile` of each repeated block (`compile_blocks`);
+    - bf16 on a CPU with AMX: vitlab's fused attention and layer-norm kernels
+      (`vitlab.models.cpu_kernels`, built at first use, ~25 s once). `cpu_kernels=None` uses
+      them where they can be built, `False` never, `True` insists (an error says why not).
 
     Outputs are in `dtype`; `model(x).float()` for float32 logits. Training after this needs a
     fresh model (BatchNorm statistics were folded away).
@@ -513,9 +524,33 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bf
         old_hook.remove()
     model._vitlab_cast_hook = _image_input_module(model).register_forward_pre_hook(
         _cast_input_hook(dtype, bool(channels_last)), with_kwargs=True)
+    use_cpu_kernels(model, cpu_kernels if dtype == torch.bfloat16 else False)
     if compile:
         compile_blocks(model)
     return model
+
+
+def use_cpu_kernels(model: nn.Module, enable: bool | None = None) -> bool:
+    """Route a bf16 CPU model's attention and layer norms through vitlab's CPU kernels
+    (`vitlab.models.cpu_kernels`) or, with `enable=False`, back to PyTorch's. `None`: where
+    they can be built. Returns whether they are in use. Same parameters and state dict."""
+    from vitlab.models import cpu_kernels as ck
+
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if enable is None:
+        enable = on_cpu and ck.get() is not None
+    elif enable:
+        if not on_cpu:
+            raise ConfigError("vitlab's CPU kernels run on CPU; this model has parameters on another device")
+        if ck.get() is None:
+            raise ConfigError(f"vitlab's CPU kernels cannot be used here: {ck.unavailable_reason()}; "
+                              f"pass cpu_kernels=False (or leave it None) to use PyTorch's kernels")
+    for m in model.modules():
+        if hasattr(m, "cpu_kernel"):  # Attention (ViT, hybrid), ConvAttention (CvT)
+            m.cpu_kernel = bool(enable)
+        if type(m) in (nn.LayerNorm, ck.FastLayerNorm):
+            m.__class__ = ck.FastLayerNorm if enable else nn.LayerNorm
+    return bool(enable)
 
 
 # ----------------------------------------------------------------------------- optimizers

@@ -1,0 +1,108 @@
+"""vitlab's CPU kernels (vitlab/csrc/cpu_kernels.cpp) against PyTorch's, in isolation and in the models.
+
+    python benchmarks/experiments/cpu_kernels.py [--rounds 30]
+
+Builds the kernels if needed (~25 s once; g++, ninja and an AMX CPU), then prints three tables:
+1. the fused attention alone against `F.scaled_dot_product_attention` at ViT-S/16, ViT-B/16 and
+   CvT-13 shapes (batch 32, bf16), alternating call by call, with each one's error against float32;
+2. what each part of the fused attention costs at ViT-S/16's shape (by skipping it: `parts`);
+3. vitlab's ViT-S/16 and CvT-13 forward (batch 32, bf16, `optimize_for_inference`) with PyTorch's
+   kernels and with vitlab's (`fast.use_cpu_kernels` on/off), alternating, medians of `--rounds`.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def alternate(fns: dict, rounds: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median seconds of each callable run in turn round by round (load hits all alike), and all times."""
+    for f in fns.values():
+        f(), f()
+    times = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}, times
+
+
+def kernel_table(ck, mod, rounds: int) -> str:
+    rows = ["| shape (B, H, Nq, Nk, d) | where | SDPA (ms) | vitlab (ms) | SDPA / vitlab | max abs err vs fp32 (vitlab / SDPA) |",
+            "|---|---|---|---|---|---|"]
+    for B, H, Nq, N, d, where in [(32, 6, 197, 197, 64, "ViT-S/16"), (32, 12, 197, 197, 64, "ViT-B/16"),
+                                  (32, 1, 3136, 784, 64, "CvT-13 stage 1"), (32, 3, 784, 196, 64, "CvT-13 stage 2"),
+                                  (32, 6, 197, 50, 64, "CvT-13 stage 3")]:
+        q = torch.randn(B, Nq, H, d).to(torch.bfloat16).transpose(1, 2)
+        k, v = [torch.randn(B, N, H, d).to(torch.bfloat16).transpose(1, 2) for _ in range(2)]
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        sd = lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Nq, H * d)  # noqa: E731
+        fu = lambda: ck.attention(mod, q, k, v, d ** -0.5)  # noqa: E731
+        err_f = (fu().float() - ref).abs().max().item()
+        err_s = (F.scaled_dot_product_attention(q, k, v).float() - ref).abs().max().item()
+        t, _ = alternate({"sdpa": sd, "fused": fu}, rounds)
+        rows.append(f"| {(B, H, Nq, N, d)} | {where} | {t['sdpa'] * 1e3:.2f} | {t['fused'] * 1e3:.2f} | "
+                    f"{t['sdpa'] / t['fused']:.2f}x | {err_f:.4f} / {err_s:.4f} |")
+    return "\n".join(rows)
+
+
+def parts_table(ck, mod, rounds: int) -> str:
+    B, H, N, d = 32, 6, 197, 64
+    q, k, v = [torch.randn(B, N, H, d).to(torch.bfloat16).transpose(1, 2) for _ in range(3)]
+    names = {0: "all", 1: "without packing K, V", 2: "without Q K^T", 4: "without softmax", 8: "without P V"}
+    t, _ = alternate({p: (lambda p=p: mod.attention_bf16(q, k, v, d ** -0.5, ck.Q_BLOCK, p)) for p in names}, rounds)
+    rows = ["| ViT-S/16 layer (32, 6, 197, 197, 64) | ms | that part's cost (ms) |", "|---|---|---|"]
+    for p, name in names.items():
+        rows.append(f"| {name} | {t[p] * 1e3:.2f} | {'' if p == 0 else f'{(t[0] - t[p]) * 1e3:.2f}'} |")
+    return "\n".join(rows)
+
+
+def model_table(rounds: int) -> str:
+    from vitlab.models import create_model, fast
+
+    rows = ["| model (batch 32, bf16) | PyTorch's kernels (ms) | vitlab's kernels (ms) | median per-round ratio | "
+            "quartiles | max logit diff |", "|---|---|---|---|---|---|"]
+    x = torch.randn(32, 3, 224, 224)
+    for name in ("vit_s16", "cvt_13"):
+        m = fast.optimize_for_inference(create_model(name))
+
+        def run(on):
+            def f():
+                fast.use_cpu_kernels(m, on)
+                with torch.no_grad():
+                    return m(x)
+            return f
+        diff = (run(False)().float() - run(True)().float()).abs().max().item()
+        med, times = alternate({"off": run(False), "on": run(True)}, rounds)
+        ratios = [a / b for a, b in zip(times["off"], times["on"])]
+        q = statistics.quantiles(ratios, n=4)
+        rows.append(f"| {name} | {med['off'] * 1e3:.1f} | {med['on'] * 1e3:.1f} | {statistics.median(ratios):.3f}x | "
+                    f"{q[0]:.3f}-{q[2]:.3f} | {diff:.4f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from vitlab.models import cpu_kernels as ck
+
+    t = time.perf_counter()
+    mod = ck.get()
+    if mod is None:
+        raise SystemExit(f"vitlab's CPU kernels are not available here: {ck.unavailable_reason()}")
+    print(f"kernels ready in {time.perf_counter() - t:.1f} s\n")
+    print(kernel_table(ck, mod, args.rounds), "\n", flush=True)
+    print(parts_table(ck, mod, args.rounds), "\n", flush=True)
+    print(model_table(args.rounds), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""vitlab's own CPU kernels (fused attention, layer norm) for bf16 inference on AMX CPUs.
+
+Built from `vitlab/csrc/cpu_kernels.cpp` with `torch.utils.cpp_extension` the first time a model
+prepared by `fast.optimize_for_inference` runs on such a CPU (about 25 s, once: the build is
+cached under torch's extension directory, keyed by the source's hash). Where they cannot be
+used (no AMX, no C++ compiler or ninja, another OS, `VITLAB_CPU_KERNELS=0`), `get()` returns
+None with the reason in `unavailable_reason()`, and every caller uses PyTorch's kernels: the
+kernels are a speed-up, never a requirement.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_kernels.cpp"
+ENV = "VITLAB_CPU_KERNELS"
+# rows of queries per block: S (q_block x keys, float32) stays in L2 for keys up to a few thousand
+Q_BLOCK = 128
+_STATE: dict = {"module": None, "tried": False, "reason": None}
+log = logging.getLogger(__name__)
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags and "avx512_bf16" in flags
+
+
+def _why_not() -> str | None:
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"disabled by {ENV}={os.environ[ENV]}"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"built for x86-64 Linux only (this is {platform.system()} {platform.machine()})"
+    if not _cpu_has_amx():
+        return "this CPU has no AMX bf16 unit (the kernels' matrix products need it)"
+    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
+        return "no C++ compiler found (install g++ to build vitlab's CPU kernels)"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def get():
+    """The compiled kernels module, or None where they cannot be used (see `unavailable_reason`)."""
+    if _STATE["tried"]:
+        return _STATE["module"]
+    _STATE["tried"] = True
+    reason = _why_not()
+    if reason is None:
+        from torch.utils.cpp_extension import load
+
+        tag = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+        log.info("building vitlab's CPU kernels (once, about 25 s)")
+        try:
+            # -fopenmp compiles at::parallel_for's OpenMP region; its symbols resolve to the
+            # libgomp torch has loaded, so the process keeps one thread pool
+            mod = load(f"vitlab_cpu_kernels_{tag}", [str(SOURCE)], extra_cflags=["-O3", "-march=sapphirerapids", "-fopenmp"])
+            if mod.available():
+                _STATE["module"] = mod
+            else:
+                reason = "oneDNN cannot pack bf16 operands for AMX on this CPU"
+        except Exception as e:  # a failed build must never stop inference: fall back, say why once
+            reason = f"the build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})"
+            warnings.warn(f"vitlab's CPU kernels are not used: {reason}; PyTorch's kernels run instead "
+                          f"(set {ENV}=0 to skip the build)", RuntimeWarning, stacklevel=2)
+    _STATE["reason"] = reason
+    return _STATE["module"]
+
+
+def unavailable_reason() -> str | None:
+    """Why `get()` returned None (None when the kernels are in use or not tried yet)."""
+    return _STATE["reason"]
+
+
+def attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The fused attention applies: bf16 CPU tensors (B, H, N, d) with d a multiple of 32,
+    contiguous last dims, no autograd."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.dim() == 4
+            and q.shape[-1] % 32 == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and k.stride(2) % 2 == 0
+            and k.shape == v.shape and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                          or v.requires_grad)))
+
+
+def attention(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T) v as (B, H, Nq, d), a view of a (B, Nq, H*d) tensor (so the usual
+    `transpose(1, 2).reshape(B, Nq, H*d)` that follows costs nothing)."""
+    B, H, Nq, d = q.shape
+    return mod.attention_bf16(q, k, v, float(scale), Q_BLOCK, 0).view(B, Nq, H, d).transpose(1, 2)
+
+
+class FastLayerNorm(torch.nn.LayerNorm):
+    """nn.LayerNorm whose bf16 CPU inference runs vitlab's kernel (same parameters and
+    state dict; `fast.optimize_for_inference` swaps it in). Elsewhere it is nn.LayerNorm."""
+
+    def forward(self, x):
+        mod = _STATE["module"]
+        if (mod is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.weight is not None
+                and self.bias is not None and self.weight.dtype == torch.bfloat16 and self.bias.dtype == torch.bfloat16
+                and len(self.normalized_shape) == 1 and not (torch.is_grad_enabled() and x.requires_grad)
+                and _plain()):
+            return mod.layer_norm_bf16(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+def _plain() -> bool:
+    from vitlab.models.fast import _plain_context, fast_paths_enabled
+
+    return fast_paths_enabled() and _plain_context()
