@@ -127,3 +127,27 @@ def test_unavailable_kernels_fall_back_and_insisting_is_a_clear_error(monkeypatc
     monkeypatch.setenv(cpu_kernels.ENV, "1")
     m32 = fast.optimize_for_inference(create_model("vit_ti16", num_classes=5), dtype="fp32")
     assert not any(getattr(x, "cpu_kernel", False) for x in m32.modules())
+
+
+def test_a_build_announces_itself_and_a_failed_build_falls_back_with_the_reason(monkeypatch, capsys):
+    import torch.utils.cpp_extension as cpp
+
+    class Built:
+        @staticmethod
+        def available():
+            return True
+
+    monkeypatch.setattr(cpu_kernels, "_why_not", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "_built", lambda name: False)
+    monkeypatch.setattr(cpu_kernels, "_STATE", {"module": None, "tried": False, "reason": None})
+    monkeypatch.setattr(cpp, "load", lambda *a, **k: Built)
+    assert cpu_kernels.get() is Built
+    assert "building the CPU kernels (once" in capsys.readouterr().err  # a 25 s pause is announced
+
+    def broken(*a, **k):
+        raise RuntimeError("Error building extension 'vitlab_cpu_kernels'\nc++: fatal error: no input files")
+    monkeypatch.setattr(cpu_kernels, "_STATE", {"module": None, "tried": False, "reason": None})
+    monkeypatch.setattr(cpp, "load", broken)
+    with pytest.warns(RuntimeWarning, match="CPU kernels are not used: the build failed.*PyTorch's kernels run"):
+        assert cpu_kernels.get() is None
+    assert "no input files" in cpu_kernels.unavailable_reason()

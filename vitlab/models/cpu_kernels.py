@@ -1,8 +1,8 @@
 """vitlab's own CPU kernels (fused attention, layer norm) for bf16 inference on AMX CPUs.
 
-Built from `vitlab/csrc/cpu_kernels.cpp` with `torch.utils.cpp_extension` the first time a model
-prepared by `fast.optimize_for_inference` runs on such a CPU (about 25 s, once: the build is
-cached under torch's extension directory, keyed by the source's hash). Where they cannot be
+Built from `vitlab/csrc/cpu_kernels.cpp` with `torch.utils.cpp_extension` the first time
+`fast.optimize_for_inference` prepares a bf16 model on such a CPU (about 25 s, once, with a notice
+on stderr: the build is cached under torch's extension directory, keyed by the source's hash). Where they cannot be
 used (no AMX, no C++ compiler or ninja, another OS, `VITLAB_CPU_KERNELS=0`), `get()` returns
 None with the reason in `unavailable_reason()`, and every caller uses PyTorch's kernels: the
 kernels are a speed-up, never a requirement.
@@ -10,10 +10,10 @@ kernels are a speed-up, never a requirement.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import platform
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -24,7 +24,6 @@ ENV = "VITLAB_CPU_KERNELS"
 # rows of queries per block: S (q_block x keys, float32) stays in L2 for keys up to a few thousand
 Q_BLOCK = 128
 _STATE: dict = {"module": None, "tried": False, "reason": None}
-log = logging.getLogger(__name__)
 
 
 def _cpu_has_amx() -> bool:
@@ -61,7 +60,8 @@ def get():
         from torch.utils.cpp_extension import load
 
         tag = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
-        log.info("building vitlab's CPU kernels (once, about 25 s)")
+        if not _built(f"vitlab_cpu_kernels_{tag}"):  # a silent 25 s pause would look like a hang
+            print(f"vitlab: building the CPU kernels (once, about 25 s; {ENV}=0 skips them)", file=sys.stderr, flush=True)
         try:
             # -fopenmp compiles at::parallel_for's OpenMP region; its symbols resolve to the
             # libgomp torch has loaded, so the process keeps one thread pool
@@ -76,6 +76,16 @@ def get():
                           f"(set {ENV}=0 to skip the build)", RuntimeWarning, stacklevel=2)
     _STATE["reason"] = reason
     return _STATE["module"]
+
+
+def _built(name: str) -> bool:
+    """Whether torch's extension directory already holds this build (then loading takes no time)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    except Exception:  # a private helper of torch: if it moves, only the notice is affected
+        return False
 
 
 def unavailable_reason() -> str | None:

@@ -498,7 +498,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bf
       (and channels-last), whichever entry point (forward, forward_intermediates) is used;
     - `compile=True`: `torch.compile` of each repeated block (`compile_blocks`);
     - bf16 on a CPU with AMX: vitlab's fused attention and layer-norm kernels
-      (`vitlab.models.cpu_kernels`, built at first use, ~25 s once). `cpu_kernels=None` uses
+      (`vitlab.models.cpu_kernels`, built by the first such call, ~25 s once). `cpu_kernels=None` uses
       them where they can be built, `False` never, `True` insists (an error says why not).
 
     Outputs are in `dtype`; `model(x).float()` for float32 logits. Training after this needs a
