@@ -657,9 +657,9 @@ def run(args) -> int:
     print(format_table(results))
     if r0.mode == "infer" and r0.dtype == "bf16" and torch.device(args.device).type == "cpu" and not args.reference:
         from vitlab.models import cpu_kernels
-        why = cpu_kernels.unavailable_reason()
+        used = cpu_kernels.get() is not None
         print("vitlab's CPU kernels (fused attention, layer norm): "
-              + ("in use" if cpu_kernels.get() is not None else f"not used ({why})"))
+              + ("in use" if used else f"not used ({cpu_kernels.unavailable_reason()})"))
     if len(results) > 1:
         ratio = results[1].step_s / results[0].step_s
         paired = [b / a for a, b in zip(results[0].times, results[1].times)]

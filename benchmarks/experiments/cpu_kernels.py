@@ -20,15 +20,10 @@ import torch.nn.functional as F
 
 
 def alternate(fns: dict, rounds: int) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Median seconds of each callable run in turn round by round (load hits all alike), and all times."""
-    for f in fns.values():
-        f(), f()
-    times = {k: [] for k in fns}
-    for r in range(rounds):
-        for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t)
+    """Median seconds of each callable, run in turn round by round (`vitlab.bench.time_alternating`), and all times."""
+    from vitlab.bench import time_alternating
+
+    times = time_alternating(fns, rounds, warmup=2)
     return {k: statistics.median(v) for k, v in times.items()}, times
 
 
@@ -41,8 +36,8 @@ def kernel_table(ck, mod, rounds: int) -> str:
         q = torch.randn(B, Nq, H, d).to(torch.bfloat16).transpose(1, 2)
         k, v = [torch.randn(B, N, H, d).to(torch.bfloat16).transpose(1, 2) for _ in range(2)]
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-        sd = lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Nq, H * d)  # noqa: E731
-        fu = lambda: ck.attention(mod, q, k, v, d ** -0.5)  # noqa: E731
+        sd = lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Nq, H * d)
+        fu = lambda: ck.attention(mod, q, k, v, d ** -0.5)
         err_f = (fu().float() - ref).abs().max().item()
         err_s = (F.scaled_dot_product_attention(q, k, v).float() - ref).abs().max().item()
         t, _ = alternate({"sdpa": sd, "fused": fu}, rounds)

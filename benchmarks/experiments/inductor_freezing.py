@@ -25,6 +25,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from vitlab.bench import time_alternating
     from vitlab.models import create_model, fast
 
     x = torch.randn(32, 3, 224, 224)
@@ -38,14 +39,8 @@ def main(argv=None):
         with torch.no_grad():
             compiled(x)
         compile_s = time.perf_counter() - t
-        times = {0: [], 1: []}
-        with torch.no_grad():
-            eager(x)
-            for r in range(args.rounds):
-                for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-                    t = time.perf_counter()
-                    (eager, compiled)[i](x)
-                    times[i].append(time.perf_counter() - t)
+        with torch.no_grad():  # alternating call by call: slow phases of the machine hit both alike
+            times = time_alternating({0: lambda: eager(x), 1: lambda: compiled(x)}, args.rounds, warmup=1)
         ratios = [a / b for a, b in zip(times[0], times[1])]
         q = statistics.quantiles(ratios, n=4)
         print(f"| {name} | {compile_s:.1f} | {statistics.median(times[0]) * 1e3:.1f} | "

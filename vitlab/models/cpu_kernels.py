@@ -1,11 +1,11 @@
 """vitlab's own CPU kernels (fused attention, layer norm) for bf16 inference on AMX CPUs.
 
 Built from `vitlab/csrc/cpu_kernels.cpp` with `torch.utils.cpp_extension` the first time
-`fast.optimize_for_inference` prepares a bf16 model on such a CPU (about 25 s, once, with a notice
-on stderr: the build is cached under torch's extension directory, keyed by the source's hash). Where they cannot be
-used (no AMX, no C++ compiler or ninja, another OS, `VITLAB_CPU_KERNELS=0`), `get()` returns
-None with the reason in `unavailable_reason()`, and every caller uses PyTorch's kernels: the
-kernels are a speed-up, never a requirement.
+`fast.optimize_for_inference` prepares a bf16 model on such a CPU (about 25 s, once, with a
+notice on stderr; cached under torch's extension directory, keyed by the source's hash). Where
+they cannot be used (no AMX, no C++ compiler or ninja, another OS, `VITLAB_CPU_KERNELS=0`),
+`get()` returns None with the reason in `unavailable_reason()`, and every caller uses PyTorch's
+kernels: the kernels are a speed-up, never a requirement.
 """
 from __future__ import annotations
 
