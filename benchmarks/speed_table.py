@@ -193,9 +193,9 @@ def fast_path_table(args) -> str:
     _row(lines, "last block computes the class token only (`forward`)", "ViT-S/16 infer", "all 197 tokens",
          r["full"], "class token", r["c"], B, "the head reads only the class token: same logits")
     if kernels:
-        _row(lines, "vitlab's CPU kernels: fused attention + layer norm (`cpu_kernels`)", "ViT-S/16 infer",
-             "PyTorch's SDPA + layer norm", r["c"], "vitlab kernels", r["k"], B,
-             "AMX products + AVX-512 softmax in one pass per head; on by default where they build")
+        _row(lines, "vitlab's CPU kernels: fused attention + layer norm + GELU (`cpu_kernels`)", "ViT-S/16 infer",
+             "PyTorch's SDPA + layer norm + GELU", r["c"], "vitlab kernels", r["k"], B,
+             "attention on AMX tiles + AVX-512 softmax per 32 query rows; GELU by piecewise cubic; on by default where they build")
     else:
         from vitlab.models import cpu_kernels
         lines.append(f"| vitlab's CPU kernels (`cpu_kernels`) | ViT-S/16 infer | - | - | - | not measured: "

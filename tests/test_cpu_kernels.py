@@ -1,4 +1,4 @@
-"""vitlab's CPU kernels (vitlab/csrc/cpu_kernels.cpp): the fused bf16 attention and layer norm
+"""vitlab's CPU kernels (vitlab/csrc/cpu_kernels.cpp): the fused bf16 attention, layer norm and GELU
 compute the float32 reference's function within bf16's error, models use them after
 `optimize_for_inference` and give the same logits, and without them everything falls back."""
 import copy
@@ -36,7 +36,9 @@ def _qkv(B, H, Nq, N, d, seed=0, layout="split"):
     (2, 6, 1, 197, 64, "fused"),     # the class-token-only last block
     (2, 1, 300, 75, 64, "split"),    # CvT: fewer keys than queries, one head
     (3, 2, 17, 5, 32, "split"),      # fewer keys than one vector, d = 32
-    (1, 2, 130, 129, 64, "split"),   # odd key count, several 64-key blocks, q blocks of 128 + 2
+    (1, 2, 130, 129, 64, "split"),   # odd key count, 16-key tail, query blocks of 32 + a 2-row tail
+    (2, 2, 33, 50, 128, "split"),    # d = 128 (four k-steps), 32 + 1 query rows
+    (1, 1, 400, 784, 64, "split"),   # CvT-13 stage 1's 784 keys
 ])
 def test_fused_attention_matches_the_float32_reference(mod, B, H, Nq, N, d, layout):
     q, k, v = _qkv(B, H, Nq, N, d, layout=layout)
@@ -84,6 +86,76 @@ def test_layer_norm_matches_the_float32_reference(mod, D):
     torch_bf16 = ln(x).float()
     err, torch_err = (got - ref).abs().max().item(), (torch_bf16 - ref).abs().max().item()
     assert err <= 1.5 * torch_err + 1e-3, (err, torch_err)
+
+
+def _bf16_values():
+    """Every finite bf16 value with |x| < 1e4 (GELU's whole input domain at bf16 resolution)."""
+    allv = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    return allv[torch.isfinite(allv.float()) & (allv.float().abs() < 1e4)].clone()
+
+
+def _ulps(got, exact):
+    """|got - exact| in units of bf16's spacing at |exact| (8 significant bits)."""
+    return (got.double() - exact).abs() / 2.0 ** (torch.floor(torch.log2(exact.abs())) - 7)
+
+
+def test_gelu_kernel_is_exact_gelu_within_bf16_rounding(mod):
+    x = _bf16_values()
+    exact = x.double() * torch.special.ndtr(x.double())  # x Phi(x), the erf form
+    got = x.clone()
+    assert cpu_kernels.gelu_(mod, got) is got  # in place
+    big = exact.abs() > 1e-6
+    ulps = _ulps(got, exact)[big]
+    # rounding alone is 0.5 ulp; the piecewise cubic adds < 0.05 ulp where it matters
+    assert ulps.max().item() < 1.2, ulps.max().item()
+    assert ulps.max().item() <= _ulps(F.gelu(x), exact)[big].max().item()  # no worse than PyTorch's bf16 GELU
+    assert (got.double() - exact).abs()[~big].max().item() < 1e-8  # tiny outputs: tiny absolute error
+    special = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -7.0]).to(torch.bfloat16)
+    out = cpu_kernels.gelu_(mod, special.clone()).float()
+    assert out[0].isnan() and out[1] == float("inf") and out[2:].abs().max() == 0
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 33, 1000])
+def test_gelu_kernel_handles_every_length(mod, n):
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n + 5, generator=g) * 3).to(torch.bfloat16)
+    got = cpu_kernels.gelu_(mod, x[:n].clone())
+    assert torch.allclose(got.float(), F.gelu(x[:n].float()), rtol=1e-2, atol=1e-3)
+    # the elements past the end are never written
+    buf = x.clone()
+    cpu_kernels.gelu_(mod, buf[:n])
+    assert torch.equal(buf[n:], x[n:])
+
+
+def test_gelu_kernel_applies_only_where_it_can(mod):
+    h = torch.randn(4, 8).to(torch.bfloat16)
+    assert fast.gelu_kernel_ok(nn.GELU(), h)
+    assert not fast.gelu_kernel_ok(nn.GELU(approximate="tanh"), h)  # another function
+    assert not fast.gelu_kernel_ok(nn.GELU(), h.float())            # not bf16
+    assert not fast.gelu_kernel_ok(nn.GELU(), h.t())                 # not contiguous
+    with fast.reference_mode():
+        assert not fast.gelu_kernel_ok(nn.GELU(), h)                 # fast paths off
+
+
+def test_mlp_uses_the_gelu_kernel_and_keeps_its_function(mod, monkeypatch):
+    from vitlab.models.layers import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(64, 256).eval()
+    x = torch.randn(2, 50, 64)
+    with torch.no_grad():
+        want = mlp(x)
+        mlp = mlp.to(torch.bfloat16)
+        mlp.cpu_kernel = True
+        calls = []
+        real = cpu_kernels.gelu_
+        monkeypatch.setattr(cpu_kernels, "gelu_", lambda m, h: calls.append(h.shape) or real(m, h))
+        got = mlp(x.to(torch.bfloat16)).float()
+        assert calls == [(2, 50, 256)]
+        mlp.cpu_kernel = False
+        plain = mlp(x.to(torch.bfloat16)).float()
+    err, plain_err = (got - want).abs().max().item(), (plain - want).abs().max().item()
+    assert err <= 1.5 * plain_err + 1e-3, (err, plain_err)
 
 
 @pytest.mark.parametrize("name", ["vit_ti16", "cvt_13"])

@@ -658,7 +658,7 @@ def run(args) -> int:
     if r0.mode == "infer" and r0.dtype == "bf16" and torch.device(args.device).type == "cpu" and not args.reference:
         from vitlab.models import cpu_kernels
         used = cpu_kernels.get() is not None
-        print("vitlab's CPU kernels (fused attention, layer norm): "
+        print("vitlab's CPU kernels (fused attention, layer norm, GELU): "
               + ("in use" if used else f"not used ({cpu_kernels.unavailable_reason()})"))
     if len(results) > 1:
         ratio = results[1].step_s / results[0].step_s

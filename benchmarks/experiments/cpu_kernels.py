@@ -50,7 +50,7 @@ def parts_table(ck, mod, rounds: int) -> str:
     B, H, N, d = 32, 6, 197, 64
     q, k, v = [torch.randn(B, N, H, d).to(torch.bfloat16).transpose(1, 2) for _ in range(3)]
     names = {0: "all", 1: "without packing K, V", 2: "without Q K^T", 4: "without softmax", 8: "without P V"}
-    t, _ = alternate({p: (lambda p=p: mod.attention_bf16(q, k, v, d ** -0.5, ck.Q_BLOCK, p)) for p in names}, rounds)
+    t, _ = alternate({p: (lambda p=p: mod.attention_bf16(q, k, v, d ** -0.5, p)) for p in names}, rounds)
     rows = ["| ViT-S/16 layer (32, 6, 197, 197, 64) | ms | that part's cost (ms) |", "|---|---|---|"]
     for p, name in names.items():
         rows.append(f"| {name} | {t[p] * 1e3:.2f} | {'' if p == 0 else f'{(t[0] - t[p]) * 1e3:.2f}'} |")

@@ -1,145 +1,226 @@
 // vitlab's CPU kernels for bf16 inference on CPUs with AMX (built at first use by
 // vitlab/models/cpu_kernels.py; every caller falls back to PyTorch's kernels without them).
 //
-// attention: softmax(scale * Q K^T) V per (batch, head), with the whole key row in one block (no
-//   online softmax: ViT/CvT rows have at most a few thousand keys). Q K^T and P V run on AMX
-//   through ATen's oneDNN batch-reduce GEMM (at::native::cpublas::brgemm) with K and V packed in
-//   VNNI pairs here; the softmax runs in AVX-512 with a base-2 exponential (one FMA folds the
-//   scale and the change of base); probabilities are rounded to bf16 for P V, as in PyTorch's
-//   kernel; the output is written straight into the (B, Nq, H*d) layout the output projection
-//   reads. Why hand-written: PyTorch's CPU SDPA spends most of its time outside the products at
-//   ViT shapes (measured 1.24x slower at ViT-S/16, 1.9x at CvT-13 stage 3; docs/speed.md).
+// attention: softmax(scale * Q K^T) V per (batch, head) in blocks of 32 query rows, with the whole
+//   key row in one block (no online softmax: ViT/CvT rows have at most a few thousand keys). Q K^T
+//   and P V run on AMX tiles programmed here (2x2 blocks of 16x16 output tiles, so each loaded tile
+//   feeds two products and four accumulators stay independent), with K^T and V packed in VNNI
+//   pairs once per (batch, head) (K^T by 16x16 register transposes); the softmax runs in AVX-512
+//   with a base-2 exponential and leaves the probabilities unnormalised (rounded to bf16 for P V,
+//   as in PyTorch's kernel); the 1/sum is applied to the 64-wide output rows instead of the
+//   probability rows; the output is written straight into the (B, Nq, H*d) layout the output
+//   projection reads. Why hand-written: PyTorch's CPU SDPA spends most of its time outside the
+//   products at ViT shapes, and oneDNN's brgemm calls cost more than the 16-row products they run
+//   (docs/speed.md: 1.9x SDPA at ViT-S/16).
 // layer_norm: one row per pass over L1-resident data (mean, centred variance, affine) in float32,
 //   1.5-2x PyTorch's bf16 CPU layer norm at widths 64-768.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <vector>
 #include <cstring>
 
 namespace {
 using bf16 = at::BFloat16;
 
-// 2^t for t <= 0 (fp32): t = n + f with n = round(t), |f| <= 1/2; 2^f by its degree-5 Taylor
-// polynomial (relative error < 3e-6, far below bf16's 4e-3), 2^n applied exactly by vscalefps
-// (which also flushes very negative t to 0).
+bool amx_permitted() {
+  // Linux hands out AMX tile state only on request (once per process; oneDNN asks too)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /*ARCH_REQ_XCOMP_PERM*/, 18 /*XFEATURE_XTILEDATA*/) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+  TileConfig c;
+  for (int i = 0; i < 8; ++i) { c.colsb[i] = 64; c.rows[i] = 16; }
+  _tile_loadconfig(&c);
+}
+
+// 2^t, t <= 0: degree-3 minimax polynomial on [-1/2, 1/2] (relative error 8e-5, 25x below
+// bf16's rounding) and vscalefps for the power of two
 inline __m512 exp2_ps(__m512 t) {
   __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.3333558146e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0550886838f), f, _mm512_set1_ps(0.242604051f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693276242f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999928940f));
   return _mm512_scalef_ps(p, n);
 }
 
-inline void store_bf16(bf16* dst, __m512 v, __mmask16 m) {
-  __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-  _mm256_mask_storeu_epi16(dst, m, h);
-}
+inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1); }
 
-// softmax(scale * s) over n entries of fp32 row s, written as bf16 to p; p[n..npad) = 0
-inline void softmax_row(const float* s, bf16* p, int64_t n, int64_t npad, float scale, float* tmp) {
-  __m512 vmax = _mm512_set1_ps(-INFINITY);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
-  __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
-  if (j < n) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, s + j));
-  const float m = _mm512_reduce_max_ps(vmax), c = scale * 1.44269504088896341f;
-  // softmax(scale * s) = 2^(c s - c max) / sum: the scale and the change of base in one FMA
-  const __m512 vc = _mm512_set1_ps(c), vcm = _mm512_set1_ps(c * m);
-  __m512 vsum = _mm512_setzero_ps();
-  for (j = 0; j + 16 <= n; j += 16) {
-    __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vcm));
-    _mm512_storeu_ps(tmp + j, e);
-    vsum = _mm512_add_ps(vsum, e);
-  }
-  if (j < n) {
-    __m512 e = _mm512_maskz_mov_ps(tail, exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, s + j), vc, vcm)));
-    _mm512_storeu_ps(tmp + j, e);
-    vsum = _mm512_add_ps(vsum, e);
-  }
-  __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
-  for (j = 0; j + 16 <= npad; j += 16) store_bf16(p + j, _mm512_mul_ps(_mm512_loadu_ps(tmp + j), inv), 0xFFFF);
-  if (j < npad) {
-    __mmask16 t2 = (__mmask16)((1u << (npad - j)) - 1);
-    store_bf16(p + j, _mm512_mul_ps(_mm512_loadu_ps(tmp + j), inv), t2);
+// S (rows x ldS fp32, n valid) -> P (rows x kp bf16, unnormalised 2^(c (s - max)), zero past n), inv = 1 / row sums
+inline void softmax_rows(const float* S, int64_t ldS, int64_t n, int64_t kp, bf16* P, float c, float* inv, int64_t rows) {
+  const __m512 vc = _mm512_set1_ps(c);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = S + r * ldS;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
+    if (j < n) vmax = _mm512_mask_max_ps(vmax, first(n - j), vmax, _mm512_maskz_loadu_ps(first(n - j), s + j));
+    const __m512 vcm = _mm512_set1_ps(c * _mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    bf16* p = P + r * kp;
+    for (j = 0; j < kp; j += 32) {
+      const __mmask16 m0 = first(n - j), m1 = first(n - j - 16);
+      __m512 e0 = _mm512_maskz_mov_ps(m0, exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m0, s + j), vc, vcm)));
+      __m512 e1 = m1 ? _mm512_maskz_mov_ps(m1, exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m1, s + j + 16), vc, vcm)))
+                     : _mm512_setzero_ps();  // padding past the last key: no exponentials to compute
+      vsum = _mm512_add_ps(vsum, _mm512_add_ps(e0, e1));
+      _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+    inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
   }
 }
 
-inline void store_row_bf16(const float* src, bf16* dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) store_bf16(dst + j, _mm512_loadu_ps(src + j), 0xFFFF);
-  if (j < n) store_bf16(dst + j, _mm512_loadu_ps(src + j), (__mmask16)((1u << (n - j)) - 1));
+
+// 16x16 transpose of 32-bit words held in 16 registers (unpack 32, unpack 64, two lane shuffles)
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) { t[2*i] = _mm512_unpacklo_epi32(r[2*i], r[2*i+1]); t[2*i+1] = _mm512_unpackhi_epi32(r[2*i], r[2*i+1]); }
+  for (int i = 0; i < 4; ++i) {
+    r[4*i] = _mm512_unpacklo_epi64(t[4*i], t[4*i+2]); r[4*i+1] = _mm512_unpackhi_epi64(t[4*i], t[4*i+2]);
+    r[4*i+2] = _mm512_unpacklo_epi64(t[4*i+1], t[4*i+3]); r[4*i+3] = _mm512_unpackhi_epi64(t[4*i+1], t[4*i+3]);
+  }
+  for (int i = 0; i < 2; ++i) for (int j = 0; j < 4; ++j) {
+    t[8*i+j] = _mm512_shuffle_i32x4(r[8*i+j], r[8*i+4+j], 0x88); t[8*i+4+j] = _mm512_shuffle_i32x4(r[8*i+j], r[8*i+4+j], 0xdd);
+  }
+  for (int j = 0; j < 8; ++j) { r[j] = _mm512_shuffle_i32x4(t[j], t[8+j], 0x88); r[8+j] = _mm512_shuffle_i32x4(t[j], t[8+j], 0xdd); }
+}
+
+// One 2x2 block of output tiles: C[r][c] (tile 2r+c) = sum over k steps of A_r (tile 4+r) x B_c (tile 6+c).
+// Every loaded tile feeds two products, and four independent accumulators keep AMX busy.
+// A_r step s: a + r*arow + s*astep (row stride lda bytes); B_c step s: b + s*bstep + c*bcol (stride ldb).
+template <int RB, int CB>
+inline void tile_block(const char* a, int64_t lda, int64_t arow, int64_t astep, const char* b, int64_t ldb, int64_t bstep,
+                       int64_t bcol, int64_t ksteps, float* c, int64_t ldc, int64_t crow) {
+  _tile_zero(0); if (CB > 1) _tile_zero(1); if (RB > 1) _tile_zero(2); if (RB > 1 && CB > 1) _tile_zero(3);
+  for (int64_t s = 0; s < ksteps; ++s) {
+    _tile_loadd(4, a + s * astep, lda);
+    _tile_loadd(6, b + s * bstep, ldb);
+    if (CB > 1) _tile_loadd(7, b + s * bstep + bcol, ldb);
+    _tile_dpbf16ps(0, 4, 6);
+    if (CB > 1) _tile_dpbf16ps(1, 4, 7);
+    if (RB > 1) { _tile_loadd(5, a + arow + s * astep, lda); _tile_dpbf16ps(2, 5, 6); if (CB > 1) _tile_dpbf16ps(3, 5, 7); }
+  }
+  _tile_stored(0, c, ldc); if (CB > 1) _tile_stored(1, c + 16, ldc);
+  if (RB > 1) { _tile_stored(2, c + crow, ldc); if (CB > 1) _tile_stored(3, c + crow + 16, ldc); }
+}
+
+// C (16*RB rows x 16*nblocks fp32, row stride ldc floats) = A (bf16 rows) x B (VNNI), two column blocks at a time
+template <int RB>
+inline void gemm_rows(const void* a, int64_t lda, int64_t astep, const char* b, int64_t ldb, int64_t bstep, int64_t bcol,
+                      int64_t ksteps, int64_t nblocks, float* c, int64_t ldc) {
+  const char* ac = static_cast<const char*>(a);
+  int64_t cb = 0;
+  for (; cb + 2 <= nblocks; cb += 2)
+    tile_block<RB, 2>(ac, lda, 16 * lda, astep, b + cb * bcol, ldb, bstep, bcol, ksteps, c + cb * 16, ldc * 4, 16 * ldc);
+  if (cb < nblocks)
+    tile_block<RB, 1>(ac, lda, 16 * lda, astep, b + cb * bcol, ldb, bstep, bcol, ksteps, c + cb * 16, ldc * 4, 16 * ldc);
 }
 }  // namespace
 
-// q: (B, H, Nq, d), k, v: (B, H, N, d), bf16, last dim contiguous. Returns (B, Nq, H*d).
-torch::Tensor attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale, int64_t q_block, int64_t parts) {
-  TORCH_CHECK(q_block > 0, "q_block must be positive");
+// q: (B, H, Nq, d), k, v: (B, H, N, d), bf16, last dim contiguous, d a multiple of 32.
+// Returns (B, Nq, H*d). parts (for measuring): 1 skips packing K, V; 2 Q K^T; 4 softmax; 8 P V.
+torch::Tensor attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale, int64_t parts) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16, "bf16 q, k, v expected");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "(B, H, N, d) tensors with a contiguous last dim expected");
-  TORCH_CHECK(q.size(3) % 32 == 0 && k.stride(2) % 2 == 0, "head dim must be a multiple of 32");
+  TORCH_CHECK(q.size(3) % 32 == 0, "head dim must be a multiple of 32");
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) && v.sizes() == k.sizes(),
               "q (B, H, Nq, d), k and v (B, H, N, d) expected");
+  TORCH_CHECK(scale > 0, "scale must be positive");
+  TORCH_CHECK(amx_permitted(), "the OS refused AMX tile state to this process");
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3), N = k.size(2);
   auto out = torch::empty({B, Nq, H * d}, q.options());
-  const int64_t Npad = (N + 63) / 64 * 64;     // row length of logits / probabilities
-  const int64_t Neven = (N + 1) / 2 * 2;       // K of the P V product (VNNI pairs)
+  const int64_t N16 = (N + 15) / 16 * 16;   // columns of S (16-key blocks of Q K^T)
+  const int64_t Kp = (N + 31) / 32 * 32;    // keys of P V (32-key steps)
+  const int64_t dh = d / 2, rblocks = (Nq + 31) / 32;  // blocks of 32 query rows
   const bf16* qp = q.data_ptr<bf16>(); const bf16* kp = k.data_ptr<bf16>(); const bf16* vp = v.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-  const float fscale = (float)scale;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<bf16> kpack(d * Npad), vpack(Neven * d), P(q_block * Npad);
-    std::vector<float> S(q_block * Npad), O(q_block * d), tmp(Npad);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
+  const float c = (float)scale * 1.44269504088896341f;
+  // work items: (batch*head, chunk of query row blocks); chunks only when there are few heads
+  const int64_t nthr = at::get_num_threads();
+  const int64_t chunks = std::min<int64_t>(rblocks, std::max<int64_t>(1, (4 * nthr + B * H - 1) / (B * H)));
+  const int64_t per = (rblocks + chunks - 1) / chunks;
+  at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> kt(dh * N16), vv(Kp / 2 * d);
+    std::vector<float> S(32 * N16), O(32 * d), inv(32);
+    std::vector<bf16> P(32 * Kp), qpad(32 * d);
+    int64_t packed = -1;
+    configure_tiles();
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t bh = it / chunks, ch = it % chunks, b = bh / H, h = bh % H;
       const bf16* qh = qp + b * qs0 + h * qs1; const bf16* kh = kp + b * ks0 + h * ks1; const bf16* vh = vp + b * vs0 + h * vs1;
-      if (!(parts & 1)) {
-        // K^T in VNNI pairs, 64-column blocks: kpack[blk][c/2][j][c%2] = K[blk*64 + j][c],
-        // i.e. a 32-bit transpose of K viewed as (N x d/2) uint32
-        const uint32_t* k32 = reinterpret_cast<const uint32_t*>(kh);
-        uint32_t* kp32 = reinterpret_cast<uint32_t*>(kpack.data());
-        const int64_t kstr = ks2 / 2, dh = d / 2;
-        for (int64_t n0 = 0; n0 < N; n0 += 64) {
-          const int64_t w = std::min<int64_t>(64, N - n0);
-          uint32_t* dst = kp32 + n0 * dh;
-          for (int64_t j = 0; j < w; ++j) {
-            const uint32_t* src = k32 + (n0 + j) * kstr;
-            for (int64_t c = 0; c < dh; ++c) dst[c * 64 + j] = src[c];
+      if (packed != bh && !(parts & 1)) {
+        packed = bh;
+        // K^T in VNNI pairs: kt[c2][j] = (K[j][2 c2], K[j][2 c2 + 1]) as one 32-bit word; zero past N.
+        // 16 keys x 16 words at a time by a register transpose.
+        for (int64_t j0 = 0; j0 < N16; j0 += 16) {
+          for (int64_t c0 = 0; c0 < dh; c0 += 16) {
+            __m512i r[16];
+            for (int64_t j = 0; j < 16; ++j)
+              r[j] = j0 + j < N ? _mm512_loadu_si512(reinterpret_cast<const uint32_t*>(kh + (j0 + j) * ks2) + c0) : _mm512_setzero_si512();
+            transpose16(r);
+            for (int64_t cc = 0; cc < 16; ++cc) _mm512_storeu_si512(&kt[(c0 + cc) * N16 + j0], r[cc]);
           }
         }
-        // V in VNNI pairs: vpack[j/2][c][j%2] = V[j][c] (a zero row pads odd N)
+        // V in VNNI pairs: vv[j/2][col] = (V[j][col], V[j+1][col]); zero rows past N
         const __m512i lo = _mm512_set_epi16(47,15,46,14,45,13,44,12,43,11,42,10,41,9,40,8,39,7,38,6,37,5,36,4,35,3,34,2,33,1,32,0);
         const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
         const __m512i zero = _mm512_setzero_si512();
-        for (int64_t j = 0; j < N; j += 2) {
+        bf16* vd = reinterpret_cast<bf16*>(vv.data());
+        for (int64_t j = 0; j < Kp; j += 2) {
           const bf16* r0 = vh + j * vs2; const bf16* r1 = r0 + vs2;
-          bf16* dst = vpack.data() + j * d;
-          for (int64_t c = 0; c < d; c += 32) {
-            __m512i a = _mm512_loadu_si512(r0 + c);
-            __m512i bb = (j + 1 < N) ? _mm512_loadu_si512(r1 + c) : zero;
-            _mm512_storeu_si512(dst + 2 * c, _mm512_permutex2var_epi16(a, lo, bb));
-            _mm512_storeu_si512(dst + 2 * c + 32, _mm512_permutex2var_epi16(a, hi, bb));
+          bf16* dst = vd + j * d;
+          for (int64_t col = 0; col < d; col += 32) {
+            __m512i a = j < N ? _mm512_loadu_si512(r0 + col) : zero;
+            __m512i bb = j + 1 < N ? _mm512_loadu_si512(r1 + col) : zero;
+            _mm512_storeu_si512(dst + 2 * col, _mm512_permutex2var_epi16(a, lo, bb));
+            _mm512_storeu_si512(dst + 2 * col + 32, _mm512_permutex2var_epi16(a, hi, bb));
           }
         }
       }
-      for (int64_t i0 = 0; i0 < Nq; i0 += q_block) {
-        const int64_t m = std::min(q_block, Nq - i0);
-        if (!(parts & 2)) for (int64_t n0 = 0; n0 < N; n0 += 64)
-          at::native::cpublas::brgemm(m, std::min<int64_t>(64, N - n0), d, qs2, 64, Npad, false, qh + i0 * qs2, kpack.data() + n0 * d, S.data() + n0);
-        if (!(parts & 4)) for (int64_t i = 0; i < m; ++i) softmax_row(&S[i * Npad], &P[i * Npad], N, Neven, fscale, tmp.data());
-        if (!(parts & 8)) at::native::cpublas::brgemm(m, d, Neven, Npad, d, d, false, P.data(), vpack.data(), O.data());
-        for (int64_t i = 0; i < m; ++i) store_row_bf16(&O[i * d], op + ((b * Nq + i0 + i) * H + h) * d, d);
+      const int64_t rb1 = std::min(rblocks, (ch + 1) * per);
+      for (int64_t rb = ch * per; rb < rb1; ++rb) {
+        const int64_t i0 = rb * 32, m = std::min<int64_t>(32, Nq - i0), rows = m > 16 ? 32 : 16;
+        const bf16* a = qh + i0 * qs2; int64_t lda = qs2 * 2;
+        if (m < rows) {  // last partial block: zero-padded copy (tile loads read 16 rows)
+          std::memset(qpad.data(), 0, rows * d * sizeof(bf16));
+          for (int64_t i = 0; i < m; ++i) std::memcpy(&qpad[i * d], a + i * qs2, d * sizeof(bf16));
+          a = qpad.data(); lda = d * 2;
+        }
+        const char* ktb = reinterpret_cast<const char*>(kt.data()); const char* vvb = reinterpret_cast<const char*>(vv.data());
+        if (!(parts & 2)) {
+          if (rows == 32) gemm_rows<2>(a, lda, 64, ktb, N16 * 4, 16 * N16 * 4, 64, d / 32, N16 / 16, S.data(), N16);
+          else gemm_rows<1>(a, lda, 64, ktb, N16 * 4, 16 * N16 * 4, 64, d / 32, N16 / 16, S.data(), N16);
+        }
+        if (!(parts & 4)) softmax_rows(S.data(), N16, N, Kp, P.data(), c, inv.data(), m);
+        if (!(parts & 8)) {
+          if (rows == 32) gemm_rows<2>(P.data(), Kp * 2, 64, vvb, d * 4, 16 * d * 4, 64, Kp / 32, d / 16, O.data(), d);
+          else gemm_rows<1>(P.data(), Kp * 2, 64, vvb, d * 4, 16 * d * 4, 64, Kp / 32, d / 16, O.data(), d);
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          const __m512 s = _mm512_set1_ps(inv[i]);
+          bf16* dst = op + ((b * Nq + i0 + i) * H + h) * d;
+          for (int64_t col = 0; col < d; col += 32)
+            _mm512_storeu_si512(dst + col, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(&O[i * d + col + 16]), s),
+                                                                         _mm512_mul_ps(_mm512_loadu_ps(&O[i * d + col]), s)));
+        }
       }
     }
-    at::native::cpublas::brgemm_release();
+    _tile_release();
+    at::native::cpublas::brgemm_release();  // ATen's cached tile state is stale now: make it reconfigure
   });
   return out;
 }
@@ -186,10 +267,51 @@ torch::Tensor layer_norm_bf16(torch::Tensor x, torch::Tensor w, torch::Tensor b,
   return out;
 }
 
-bool available() { return at::native::cpublas::could_pack(at::kBFloat16); }
+// GELU(x) = x Phi(x) in place on bf16, with Phi from a piecewise cubic on 32 intervals of [-6, 4)
+// (coefficients fitted in float64 by vitlab/models/cpu_kernels.py; |error| < 4e-6, so the output's
+// relative error stays ~10x below bf16's rounding). Each interval's 4 coefficients come from
+// 32-entry tables held in registers (vpermt2ps), so a vector costs ~10 arithmetic operations
+// instead of PyTorch's erf (an exponential and a long polynomial). Outside [-6, 4) Phi is taken
+// at the upper end (Phi(4) = 1 - 3e-5: x itself after bf16 rounding) and GELU is 0 below -6 (|GELU| < 6e-9 there).
+void gelu_bf16_(torch::Tensor x, torch::Tensor coefs) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "a contiguous bf16 tensor expected");
+  TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.is_contiguous() && coefs.numel() == 128, "(32, 4) float32 coefficients expected");
+  const float* cf = coefs.data_ptr<float>();
+  float tab[4][32];
+  for (int i = 0; i < 32; ++i) for (int j = 0; j < 4; ++j) tab[j][i] = cf[i * 4 + j];
+  __m512 c[4][2];
+  for (int j = 0; j < 4; ++j) { c[j][0] = _mm512_loadu_ps(tab[j]); c[j][1] = _mm512_loadu_ps(tab[j] + 16); }
+  bf16* p = x.data_ptr<bf16>();
+  const int64_t n = x.numel();
+  at::parallel_for(0, (n + 31) / 32, 2048, [&](int64_t b0, int64_t b1) {
+    const __m512 lo = _mm512_set1_ps(-6.0f), hi = _mm512_set1_ps(3.99999f), sc = _mm512_set1_ps(3.2f), of = _mm512_set1_ps(19.2f);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i = blk * 32;
+      const __mmask16 m0 = first(n - i), m1 = first(n - i - 16);
+      __m512 y[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m512 xv = ld(p + i + 16 * h, h ? m1 : m0);
+        const __m512 t = _mm512_fmadd_ps(_mm512_min_ps(_mm512_max_ps(xv, lo), hi), sc, of);  // in [0, 32)
+        const __m512i k = _mm512_cvttps_epi32(t);
+        const __m512 u = _mm512_sub_ps(t, _mm512_cvtepi32_ps(k));
+        __m512 q = _mm512_permutex2var_ps(c[3][0], k, c[3][1]);
+        q = _mm512_fmadd_ps(q, u, _mm512_permutex2var_ps(c[2][0], k, c[2][1]));
+        q = _mm512_fmadd_ps(q, u, _mm512_permutex2var_ps(c[1][0], k, c[1][1]));
+        q = _mm512_fmadd_ps(q, u, _mm512_permutex2var_ps(c[0][0], k, c[0][1]));
+        y[h] = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(xv, lo, _CMP_NLT_UQ), xv, q);  // 0 below -6 (|GELU| < 6e-9); NaN stays NaN
+      }
+      const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(y[1], y[0]);
+      if (m1 == 0xFFFF) _mm512_storeu_si512(p + i, packed);
+      else _mm512_mask_storeu_epi16(p + i, ((__mmask32)m1 << 16) | m0, packed);
+    }
+  });
+}
+
+bool available() { return amx_permitted() && at::native::cpublas::could_pack(at::kBFloat16); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bf16", &attention_bf16);
   m.def("layer_norm_bf16", &layer_norm_bf16);
+  m.def("gelu_bf16_", &gelu_bf16_);
   m.def("available", &available);
 }

@@ -228,7 +228,24 @@ def mlp_inference_ok(fc1: nn.Linear, fc2: nn.Linear, act: nn.Module, x: torch.Te
             and not (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad)))
 
 
-def mlp_inference(fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def gelu_kernel_ok(act: nn.Module, h: torch.Tensor) -> bool:
+    """vitlab's GELU kernel applies to `act(h)`: exact nn.GELU, fast paths on, the kernels built,
+    `h` a contiguous bf16 CPU tensor outside autograd."""
+    from vitlab.models import cpu_kernels as ck
+
+    return (type(act) is nn.GELU and act.approximate == "none" and _STATE["enabled"] and _plain_context()
+            and ck.get() is not None and ck.gelu_ok(h))
+
+
+def gelu_kernel_(h: torch.Tensor) -> torch.Tensor:
+    """Exact GELU of `h` in place by vitlab's CPU kernel (see `gelu_kernel_ok`)."""
+    from vitlab.models import cpu_kernels as ck
+
+    return ck.gelu_(ck.get(), h)
+
+
+def mlp_inference(fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor, residual: torch.Tensor,
+                  cpu_kernel: bool = False) -> torch.Tensor:
     """residual + fc2(GELU(fc1(x))) for bf16 inference on CPU, in row blocks of MLP_CHUNK_BYTES.
 
     oneDNN applies fc1's bias and the exact (erf) GELU while writing the product, and fc2's bias
@@ -244,7 +261,10 @@ def mlp_inference(fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor, residual: tor
     rows = -(-M // chunks)  # equal chunks: no small remainder product
     outs = []
     for s in range(0, M, rows):  # over row blocks of the batch, not over tokens one by one
-        h = torch.ops.mkldnn._linear_pointwise(x2[s:s + rows], fc1.weight, fc1.bias, "gelu", [], "none")
+        if cpu_kernel:  # vitlab's GELU kernel on the product (faster than oneDNN's erf epilogue)
+            h = gelu_kernel_(torch.ops.mkldnn._linear_pointwise(x2[s:s + rows], fc1.weight, fc1.bias, "none", [], ""))
+        else:
+            h = torch.ops.mkldnn._linear_pointwise(x2[s:s + rows], fc1.weight, fc1.bias, "gelu", [], "none")
         outs.append(torch.ops.mkldnn._linear_pointwise.binary(h, r2[s:s + rows], fc2.weight, fc2.bias, "add"))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.view(B, N, C)
@@ -546,7 +566,7 @@ def use_cpu_kernels(model: nn.Module, enable: bool | None = None) -> bool:
             raise ConfigError(f"vitlab's CPU kernels cannot be used here: {ck.unavailable_reason()}; "
                               f"pass cpu_kernels=False (or leave it None) to use PyTorch's kernels")
     for m in model.modules():
-        if hasattr(m, "cpu_kernel"):  # Attention (ViT, hybrid), ConvAttention (CvT)
+        if hasattr(m, "cpu_kernel"):  # Attention (ViT, hybrid), ConvAttention (CvT), Mlp (GELU)
             m.cpu_kernel = bool(enable)
         if type(m) in (nn.LayerNorm, ck.FastLayerNorm):
             m.__class__ = ck.FastLayerNorm if enable else nn.LayerNorm

@@ -214,6 +214,7 @@ class Mlp(nn.Module):
                  fused_inference: bool = False):
         super().__init__()
         self.fused_inference = fused_inference
+        self.cpu_kernel = False  # vitlab's GELU kernel in bf16 CPU inference (set by fast.optimize_for_inference)
         self.fc1 = nn.Linear(dim, hidden)
         self.act = act()
         self.fc2 = nn.Linear(hidden, dim)
@@ -223,9 +224,11 @@ class Mlp(nn.Module):
         """fc2(act(fc1(x))); with `residual`, `residual + mlp(x)` (the add fused into fc2 where possible)."""
         if (self.fused_inference and residual is not None and not self.training
                 and fast.mlp_inference_ok(self.fc1, self.fc2, self.act, x)):
-            return fast.mlp_inference(self.fc1, self.fc2, x, residual)
+            return fast.mlp_inference(self.fc1, self.fc2, x, residual, cpu_kernel=self.cpu_kernel)
         h = fast.linear(x, self.fc1)
-        if (type(self.act) is nn.GELU and fast.fast_paths_enabled()
+        if self.cpu_kernel and fast.gelu_kernel_ok(self.act, h):
+            x = self.drop(fast.gelu_kernel_(h))
+        elif (type(self.act) is nn.GELU and fast.fast_paths_enabled()
                 and not (torch.is_grad_enabled() and h.requires_grad)):
             # inference: GELU in place, one (tokens x 4D) buffer fewer per block (fewer fresh
             # pages from the C allocator, whose page faults cost as much as the GELU itself)
