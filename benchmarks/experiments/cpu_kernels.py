@@ -2,11 +2,13 @@
 
     python benchmarks/experiments/cpu_kernels.py [--rounds 30]
 
-Builds the kernels if needed (~25 s once; g++, ninja and an AMX CPU), then prints three tables:
+Builds the kernels if needed (~25 s once; g++, ninja and an AMX CPU), then prints four tables:
 1. the fused attention alone against `F.scaled_dot_product_attention` at ViT-S/16, ViT-B/16 and
    CvT-13 shapes (batch 32, bf16), alternating call by call, with each one's error against float32;
 2. what each part of the fused attention costs at ViT-S/16's shape (by skipping it: `parts`);
-3. vitlab's ViT-S/16 and CvT-13 forward (batch 32, bf16, `optimize_for_inference`) with PyTorch's
+3. the GELU kernel against PyTorch's on ViT-S/16's fc1 output (after the product, as in the model),
+   with each one's largest error over every bf16 input, in bf16 units in the last place;
+4. vitlab's ViT-S/16 and CvT-13 forward (batch 32, bf16, `optimize_for_inference`) with PyTorch's
    kernels and with vitlab's (`fast.use_cpu_kernels` on/off), alternating, medians of `--rounds`.
 """
 from __future__ import annotations
@@ -57,6 +59,29 @@ def parts_table(ck, mod, rounds: int) -> str:
     return "\n".join(rows)
 
 
+def gelu_table(ck, mod, rounds: int) -> str:
+    allv = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = allv[torch.isfinite(allv.float()) & (allv.float().abs() < 1e4)]
+    exact = x.double() * torch.special.ndtr(x.double())
+    big = exact.abs() > 1e-6
+    ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
+    err = {"torch": ((F.gelu(x).double() - exact).abs() / ulp)[big].max().item(),
+           "kernel": ((ck.gelu_(mod, x.clone()).double() - exact).abs() / ulp)[big].max().item()}
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(32 * 197, 384, generator=g).to(torch.bfloat16)
+    w = (torch.randn(1536, 384, generator=g) * 0.05).to(torch.bfloat16)
+    b = torch.randn(1536, generator=g).to(torch.bfloat16)
+    lin = lambda: torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
+    t, _ = alternate({"lin": lin, "torch": lambda: torch.ops.aten.gelu_(lin()), "kernel": lambda: ck.gelu_(mod, lin()),
+                      "onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, w, b, "gelu", [], "none")}, rounds)
+    rows = ["| ViT-S/16 fc1 (6304 x 384 -> 1536), bf16 | ms | GELU's own cost (ms) | max error (ulp, |GELU| > 1e-6) |",
+            "|---|---|---|---|", f"| product alone | {t['lin'] * 1e3:.2f} | - | - |"]
+    for k, name in (("torch", "product + PyTorch's GELU in place"), ("kernel", "product + vitlab's GELU kernel in place"),
+                    ("onednn", "product with oneDNN's erf-GELU epilogue")):
+        rows.append(f"| {name} | {t[k] * 1e3:.2f} | {(t[k] - t['lin']) * 1e3:.2f} | {err.get(k, float('nan')):.2f} |")
+    return "\n".join(rows).replace("| nan |", "| - |")
+
+
 def model_table(rounds: int) -> str:
     from vitlab.models import create_model, fast
 
@@ -96,6 +121,7 @@ def main(argv=None):
     print(f"kernels ready in {time.perf_counter() - t:.1f} s\n")
     print(kernel_table(ck, mod, args.rounds), "\n", flush=True)
     print(parts_table(ck, mod, args.rounds), "\n", flush=True)
+    print(gelu_table(ck, mod, args.rounds), "\n", flush=True)
     print(model_table(args.rounds), flush=True)
 
 

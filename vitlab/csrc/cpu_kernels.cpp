@@ -12,8 +12,8 @@
 //   projection reads. Why hand-written: PyTorch's CPU SDPA spends most of its time outside the
 //   products at ViT shapes, and oneDNN's brgemm calls cost more than the 16-row products they run
 //   (docs/speed.md: 1.9x SDPA at ViT-S/16).
-// layer_norm: one row per pass over L1-resident data (mean, centred variance, affine) in float32,
-//   1.5-2x PyTorch's bf16 CPU layer norm at widths 64-768.
+// layer_norm: four rows at a time, three passes over L1-resident data (mean, centred variance,
+//   affine) in float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -57,28 +57,54 @@ inline __m512 exp2_ps(__m512 t) {
 
 inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1); }
 
-// S (rows x ldS fp32, n valid) -> P (rows x kp bf16, unnormalised 2^(c (s - max)), zero past n), inv = 1 / row sums
-inline void softmax_rows(const float* S, int64_t ldS, int64_t n, int64_t kp, bf16* P, float c, float* inv, int64_t rows) {
+// S (R rows, stride ldS floats, n valid columns) -> P (R rows of kp bf16: unnormalised 2^(c (s - max)),
+// zero past n), inv = 1 / row sums. R rows at once: their max / exp / sum chains are independent,
+// which hides the exponential's ~30-cycle latency (rows of ~200 keys: 2x the one-row loop).
+template <int R>
+inline void softmax_group(const float* S, int64_t ldS, int64_t n, int64_t kp, bf16* P, float c, float* inv) {
   const __m512 vc = _mm512_set1_ps(c);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* s = S + r * ldS;
-    __m512 vmax = _mm512_set1_ps(-INFINITY);
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
-    if (j < n) vmax = _mm512_mask_max_ps(vmax, first(n - j), vmax, _mm512_maskz_loadu_ps(first(n - j), s + j));
-    const __m512 vcm = _mm512_set1_ps(c * _mm512_reduce_max_ps(vmax));
-    __m512 vsum = _mm512_setzero_ps();
-    bf16* p = P + r * kp;
-    for (j = 0; j < kp; j += 32) {
-      const __mmask16 m0 = first(n - j), m1 = first(n - j - 16);
-      __m512 e0 = _mm512_maskz_mov_ps(m0, exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m0, s + j), vc, vcm)));
-      __m512 e1 = m1 ? _mm512_maskz_mov_ps(m1, exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m1, s + j + 16), vc, vcm)))
-                     : _mm512_setzero_ps();  // padding past the last key: no exponentials to compute
-      vsum = _mm512_add_ps(vsum, _mm512_add_ps(e0, e1));
-      _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+  __m512 vmax[R], vcm[R], vsum[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) vmax[r] = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) vmax[r] = _mm512_max_ps(vmax[r], _mm512_loadu_ps(S + r * ldS + j));
+  if (j < n)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) vmax[r] = _mm512_mask_max_ps(vmax[r], first(n - j), vmax[r], _mm512_maskz_loadu_ps(first(n - j), S + r * ldS + j));
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) { vcm[r] = _mm512_set1_ps(c * _mm512_reduce_max_ps(vmax[r])); vsum[r] = _mm512_setzero_ps(); }
+  for (j = 0; j + 32 <= n; j += 32) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const float* s = S + r * ldS + j;
+      __m512 e0 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s), vc, vcm[r]));
+      __m512 e1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vc, vcm[r]));
+      vsum[r] = _mm512_add_ps(vsum[r], _mm512_add_ps(e0, e1));
+      _mm512_storeu_si512(P + r * kp + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
     }
-    inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
   }
+  for (; j < kp; j += 32) {
+    const __mmask16 m0 = first(n - j), m1 = first(n - j - 16);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const float* s = S + r * ldS + j;
+      __m512 e0 = _mm512_maskz_mov_ps(m0, exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m0, s), vc, vcm[r])));
+      __m512 e1 = m1 ? _mm512_maskz_mov_ps(m1, exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m1, s + 16), vc, vcm[r]))) : _mm512_setzero_ps();
+      vsum[r] = _mm512_add_ps(vsum[r], _mm512_add_ps(e0, e1));
+      _mm512_storeu_si512(P + r * kp + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) inv[r] = 1.0f / _mm512_reduce_add_ps(vsum[r]);
+}
+
+
+inline void softmax_rows(const float* S, int64_t ldS, int64_t n, int64_t kp, bf16* P, float c, float* inv, int64_t rows) {
+  int64_t r = 0;
+  if (n <= 512) for (; r + 4 <= rows; r += 4) softmax_group<4>(S + r * ldS, ldS, n, kp, P + r * kp, c, inv + r);
+  for (; r < rows; ++r) softmax_group<1>(S + r * ldS, ldS, n, kp, P + r * kp, c, inv + r);  // long rows: enough ILP in one
 }
 
 
@@ -232,6 +258,42 @@ inline __m512 ld(const bf16* p, __mmask16 m) {
 inline void st(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v)); }
 }  // namespace
 
+// R rows of layer norm at once: the rows' chains (sum -> mean -> centred squares -> rstd -> affine)
+// are independent, so interleaving them hides the horizontal reductions' latency, which dominates
+// short rows (CvT's 64-wide stage 1 rows: one row at a time spends most of its time waiting)
+template <int R>
+inline void layer_norm_rows(const bf16* xr, bf16* orow, int64_t D, const bf16* wp, const bf16* bp, float eps) {
+  __m512 s[R], q[R], vm[R], rstd[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) { s[r] = _mm512_setzero_ps(); q[r] = _mm512_setzero_ps(); }
+  for (int64_t j = 0; j < D; j += 16) {
+    const __mmask16 m = D - j >= 16 ? 0xFFFF : (__mmask16)((1u << (D - j)) - 1);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) s[r] = _mm512_add_ps(s[r], ld(xr + r * D + j, m));
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) vm[r] = _mm512_set1_ps(_mm512_reduce_add_ps(s[r]) / D);
+  for (int64_t j = 0; j < D; j += 16) {
+    const __mmask16 m = D - j >= 16 ? 0xFFFF : (__mmask16)((1u << (D - j)) - 1);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 c = _mm512_maskz_sub_ps(m, ld(xr + r * D + j, m), vm[r]);
+      q[r] = _mm512_fmadd_ps(c, c, q[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) rstd[r] = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(q[r]) / D + eps));
+  for (int64_t j = 0; j < D; j += 16) {
+    const __mmask16 m = D - j >= 16 ? 0xFFFF : (__mmask16)((1u << (D - j)) - 1);
+    const __m512 wv = ld(wp + j, m), bv = ld(bp + j, m);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 c = _mm512_mul_ps(_mm512_sub_ps(ld(xr + r * D + j, m), vm[r]), rstd[r]);
+      st(orow + r * D + j, _mm512_fmadd_ps(c, wv, bv), m);
+    }
+  }
+}
+
 torch::Tensor layer_norm_bf16(torch::Tensor x, torch::Tensor w, torch::Tensor b, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16, "bf16 x, weight, bias expected");
   TORCH_CHECK(w.is_contiguous() && b.is_contiguous() && w.numel() == x.size(-1) && b.numel() == x.size(-1), "weight and bias must match the last dim");
@@ -241,28 +303,9 @@ torch::Tensor layer_norm_bf16(torch::Tensor x, torch::Tensor w, torch::Tensor b,
   const bf16* xp = xc.data_ptr<bf16>(); bf16* op = out.data_ptr<bf16>();
   const bf16* wp = w.data_ptr<bf16>(); const bf16* bp = b.data_ptr<bf16>();
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const bf16* xr = xp + r * D; bf16* orow = op + r * D;
-      __m512 s = _mm512_setzero_ps();
-      for (int64_t j = 0; j < D; j += 16) {
-        __mmask16 m = D - j >= 16 ? 0xFFFF : (__mmask16)((1u << (D - j)) - 1);
-        s = _mm512_add_ps(s, ld(xr + j, m));
-      }
-      const float mean = _mm512_reduce_add_ps(s) / D;
-      const __m512 vm = _mm512_set1_ps(mean);
-      __m512 q = _mm512_setzero_ps();
-      for (int64_t j = 0; j < D; j += 16) {
-        __mmask16 m = D - j >= 16 ? 0xFFFF : (__mmask16)((1u << (D - j)) - 1);
-        __m512 c = _mm512_maskz_sub_ps(m, ld(xr + j, m), vm);
-        q = _mm512_fmadd_ps(c, c, q);
-      }
-      const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(q) / D + (float)eps));
-      for (int64_t j = 0; j < D; j += 16) {
-        __mmask16 m = D - j >= 16 ? 0xFFFF : (__mmask16)((1u << (D - j)) - 1);
-        __m512 c = _mm512_mul_ps(_mm512_sub_ps(ld(xr + j, m), vm), rstd);
-        st(orow + j, _mm512_fmadd_ps(c, ld(wp + j, m), ld(bp + j, m)), m);
-      }
-    }
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) layer_norm_rows<4>(xp + r * D, op + r * D, D, wp, bp, (float)eps);
+    for (; r < r1; ++r) layer_norm_rows<1>(xp + r * D, op + r * D, D, wp, bp, (float)eps);
   });
   return out;
 }

@@ -517,7 +517,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bf
     - a pre-hook on the first convolution that casts incoming float images to `dtype`
       (and channels-last), whichever entry point (forward, forward_intermediates) is used;
     - `compile=True`: `torch.compile` of each repeated block (`compile_blocks`);
-    - bf16 on a CPU with AMX: vitlab's fused attention and layer-norm kernels
+    - bf16 on a CPU with AMX: vitlab's fused attention, layer-norm and GELU kernels
       (`vitlab.models.cpu_kernels`, built by the first such call, ~25 s once). `cpu_kernels=None` uses
       them where they can be built, `False` never, `True` insists (an error says why not).
 
@@ -551,7 +551,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bf
 
 
 def use_cpu_kernels(model: nn.Module, enable: bool | None = None) -> bool:
-    """Route a bf16 CPU model's attention and layer norms through vitlab's CPU kernels
+    """Route a bf16 CPU model's attention, layer norms and GELUs through vitlab's CPU kernels
     (`vitlab.models.cpu_kernels`) or, with `enable=False`, back to PyTorch's. `None`: where
     they can be built. Returns whether they are in use. Same parameters and state dict."""
     from vitlab.models import cpu_kernels as ck
