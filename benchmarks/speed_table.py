@@ -463,7 +463,7 @@ def main(argv=None) -> int:
              f"warm-up steps (1 for ConvMixer training), vitlab and peer alternating in one process; C allocator: glibc's "
              f"defaults for every implementation (as shipped; see the allocator rows of the fast-path table)\n"
              f"- vitlab: `optimize_for_inference` (bf16 weights, fused linear epilogues, GELU in place, CvT's MLP "
-             f"in row blocks, vitlab's fused CPU attention and layer norm on AMX CPUs (else SDPA), BN folding, "
+             f"in row blocks, vitlab's CPU kernels on AMX CPUs (attention, else SDPA; layer norm; GELU), BN folding, "
              f"channels-last for conv models), the last block computing "
              f"only the class token the head reads, and bf16 training with float32 master weights and "
              f"fused AdamW. Peers: float32 weights under bf16 autocast, SDPA attention (transformers' ViT; its "
