@@ -210,7 +210,7 @@ class Mlp(nn.Module):
     (row blocks, GELU in oneDNN's epilogue). On for CvT, where it was measured faster (stage 1:
     41 vs 63 ms per call); off for ViT, where the speed table measured it 0.86-0.96x at ViT-B/16.
     `cpu_kernel` (set by `fast.use_cpu_kernels`): the GELU runs as vitlab's CPU kernel, in place
-    (ViT-S/16 fc1: 1.6 vs 2.2 ms for PyTorch's GELU, 2.4 ms in oneDNN's epilogue)."""
+    (after ViT-S/16's fc1: 1.6-2.2 ms against 2.2-2.9 for PyTorch's GELU; docs/speed.md)."""
 
     def __init__(self, dim: int, hidden: int, act: type[nn.Module] = nn.GELU, drop: float = 0.0,
                  fused_inference: bool = False):
