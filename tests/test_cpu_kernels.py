@@ -1,4 +1,5 @@
-"""vitlab's CPU kernels (vitlab/csrc/cpu_kernels.cpp): the fused bf16 attention, layer norm and GELU
+"""vitlab's CPU kernels (vitlab/csrc/cpu_kernels.cpp): the fused bf16 attention, layer norm, GELU and
+CvT's depthwise q/k/v projections
 compute the float32 reference's function within bf16's error, models use them after
 `optimize_for_inference` and give the same logits, and without them everything falls back."""
 import copy
@@ -156,6 +157,87 @@ def test_mlp_uses_the_gelu_kernel_and_keeps_its_function(mod, monkeypatch):
         plain = mlp(x.to(torch.bfloat16)).float()
     err, plain_err = (got - want).abs().max().item(), (plain - want).abs().max().item()
     assert err <= 1.5 * plain_err + 1e-3, (err, plain_err)
+
+
+def _dw_reference(x, p, h, w, wt, bt, s, ln):
+    """float32 reference of the depthwise q/k/v projections: (layer norm,) three convs, prefix attached."""
+    B, N, C = x.shape
+    z = x.float()
+    if ln is not None:
+        z = F.layer_norm(z, (C,), ln[0], ln[1], ln[2])
+    fmap = z[:, p:].reshape(B, h, w, C).permute(0, 3, 1, 2)
+    outs = []
+    for i, stride in enumerate((1, s, s)):
+        weight = wt[i].t().reshape(C, 1, 3, 3)
+        y = F.conv2d(fmap, weight, bt[i], stride, 1, 1, C).permute(0, 2, 3, 1).reshape(B, -1, C)
+        outs.append(torch.cat([z[:, :p], y], 1))
+    return outs
+
+
+@pytest.mark.parametrize("B,p,h,w,C,s,norm", [
+    (2, 1, 14, 14, 384, 2, True),    # CvT-13 stage 3 (class token, layer norm fused)
+    (2, 0, 28, 28, 192, 2, True),    # stage 2
+    (1, 0, 9, 7, 64, 2, False),      # non-square, odd sizes: 4-wide blocks + column tails
+    (2, 2, 5, 3, 32, 3, True),       # two prefix tokens, maps narrower than a block, stride 3
+    (1, 1, 4, 6, 16, 1, False),      # k/v at stride 1
+])
+def test_depthwise_projection_kernel_matches_float32_convs(mod, B, p, h, w, C, s, norm):
+    g = torch.Generator().manual_seed(B * 100 + h)
+    x = (torch.randn(B, p + h * w, C, generator=g) * 2 + 0.5).to(torch.bfloat16)
+    wt, bt = torch.randn(3, 9, C, generator=g) * 0.3, torch.randn(3, C, generator=g)
+    ln = (torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g), 1e-5) if norm else None
+    for want_q in (True, False):
+        q, k, v = cpu_kernels.dwconv_qkv(mod, x, p, (h, w), wt, bt, s, want_q, ln)
+        ref = _dw_reference(x, p, h, w, wt, bt, s, ln)
+        assert (q is None) == (not want_q)
+        for got, want in zip((q, k, v), ref):
+            if got is None:
+                continue
+            assert got.dtype == torch.bfloat16 and got.shape == want.shape and got.is_contiguous()
+            # float32 sums, one rounding to bf16 at the end: within half a bf16 unit (plus the sums' order)
+            assert torch.allclose(got.float(), want, rtol=2 ** -8, atol=1e-4), (got.float() - want).abs().max()
+
+
+def test_depthwise_projection_kernel_reads_a_strided_batch(mod):
+    """The tokens may be a slice with gaps between images (e.g. the rows after a longer prefix)."""
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(2, 1 + 1 + 36, 32, generator=g).to(torch.bfloat16)
+    x = big[:, 1:]  # batch stride (38 * 32) != 37 * 32
+    wt, bt = torch.randn(3, 9, 32, generator=g), torch.randn(3, 32, generator=g)
+    assert cpu_kernels.dwconv_qkv_ok(x) and not x.is_contiguous()
+    got = cpu_kernels.dwconv_qkv(mod, x, 1, (6, 6), wt, bt, 2, True)
+    want = cpu_kernels.dwconv_qkv(mod, x.contiguous(), 1, (6, 6), wt, bt, 2, True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not cpu_kernels.dwconv_qkv_ok(torch.zeros(2, 5, 24, dtype=torch.bfloat16))  # width not a multiple of 16
+    assert not cpu_kernels.dwconv_qkv_ok(torch.zeros(2, 5, 32))  # float32
+
+
+def test_cvt_uses_the_projection_kernel_and_follows_its_weights(mod, monkeypatch):
+    from vitlab.models import cvt
+
+    torch.manual_seed(0)
+    m = fast.optimize_for_inference(create_model("cvt_13", num_classes=10))
+    calls = []
+    real = cpu_kernels.dwconv_qkv
+    monkeypatch.setattr(cpu_kernels, "dwconv_qkv", lambda *a, **k: calls.append(k.get("norm", a[8] if len(a) > 8 else None)) or real(*a, **k))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        got = m(x).float()
+        assert len(calls) == sum(len(st.blocks) for st in m.stages)  # every block, norm1 fused into each
+        assert all(c is not None for c in calls)
+        monkeypatch.setattr(cvt.ConvAttention, "_fused_projections", lambda self, *a, **k: None)
+        plain = m(x).float()
+        monkeypatch.undo()
+        # same function as PyTorch's layer norm + oneDNN's convs (bf16 rounding apart)
+        assert torch.allclose(got, plain, atol=0.05 * plain.abs().max().item())
+        # a changed weight is picked up (the kernel's float32 copies are rebuilt)
+        conv = m.stages[2].blocks[0].attn.conv_proj_k.conv
+        conv.weight.mul_(-1.0)
+        flipped = m(x).float()
+        monkeypatch.setattr(cvt.ConvAttention, "_fused_projections", lambda self, *a, **k: None)
+        flipped_plain = m(x).float()
+    assert not torch.allclose(flipped, got, atol=1e-3)
+    assert torch.allclose(flipped, flipped_plain, atol=0.05 * flipped_plain.abs().max().item())
 
 
 @pytest.mark.parametrize("name", ["vit_ti16", "cvt_13"])

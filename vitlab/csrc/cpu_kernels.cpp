@@ -350,11 +350,167 @@ void gelu_bf16_(torch::Tensor x, torch::Tensor coefs) {
   });
 }
 
+// CvT's convolutional projections (inference, BatchNorm folded into the conv): the three 3x3
+// depthwise convs of one token map -- q at stride 1, k and v at stride s (padding 1) -- in one pass
+// per image, written straight into (B, p + n, C) token tensors with the p prefix (class) tokens
+// copied in front. Replaces three oneDNN convs (each re-reading the map), the copy that made the
+// patch tokens dense and the three concatenations with the class token. Each image is first
+// widened into a zero-bordered float32 map (in L2), then every output vector is 9 fused multiply-
+// adds from it with the 16 channels' weights held in registers; float32 sums, one bf16 rounding.
+namespace {
+inline __m512 ld16(const bf16* p) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16)); }
+inline void st16(bf16* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+}  // namespace
+
+// x: (B, p + h*w, C) bf16 (tokens contiguous in C and in token order; any batch stride); wt: (3, 9, C)
+// float32 weights of q, k, v by tap (row-major 3x3); bias: (3, C) float32. Returns [q, k, v] (q
+// undefined unless want_q).
+std::vector<torch::Tensor> dwconv_qkv_bf16(torch::Tensor x, int64_t p, int64_t h, int64_t w, torch::Tensor wt,
+                                           torch::Tensor bias, int64_t s, bool want_q, torch::Tensor ln_w,
+                                           torch::Tensor ln_b, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "(B, N, C) bf16 tokens with dense rows expected");
+  const int64_t B = x.size(0), C = x.size(2);
+  TORCH_CHECK(C % 16 == 0 && x.size(1) == p + h * w && s >= 1, "token count / width do not match the map");
+  TORCH_CHECK(wt.scalar_type() == at::kFloat && wt.is_contiguous() && wt.numel() == 27 * C, "(3, 9, C) float32 weights expected");
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == 3 * C, "(3, C) float32 biases expected");
+  const bool ln = ln_w.numel() > 0;
+  TORCH_CHECK(!ln || (ln_w.scalar_type() == at::kFloat && ln_b.scalar_type() == at::kFloat && ln_w.is_contiguous()
+                      && ln_b.is_contiguous() && ln_w.numel() == C && ln_b.numel() == C), "(C,) float32 layer-norm weight and bias expected");
+  const float* gp = ln ? ln_w.data_ptr<float>() : nullptr; const float* betap = ln ? ln_b.data_ptr<float>() : nullptr;
+  const int64_t hk = (h - 1) / s + 1, wk = (w - 1) / s + 1, W2 = w + 2, xb = x.stride(0);
+  auto opt = x.options().memory_format(at::MemoryFormat::Contiguous);
+  torch::Tensor q = want_q ? torch::empty({B, p + h * w, C}, opt) : torch::Tensor();
+  torch::Tensor k = torch::empty({B, p + hk * wk, C}, opt), v = torch::empty({B, p + hk * wk, C}, opt);
+  const bf16* xp = x.data_ptr<bf16>();
+  bf16* qp = want_q ? q.data_ptr<bf16>() : nullptr;
+  bf16* kp = k.data_ptr<bf16>(); bf16* vp = v.data_ptr<bf16>();
+  const float* wp = wt.data_ptr<float>(); const float* bp = bias.data_ptr<float>();
+  const int64_t CB = C / 16, RS = CB * W2 * 16;  // float32 map: [row][channel block][column][16], rows/columns zero-bordered
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf((h + 2) * RS, 0.0f);  // the border stays zero; the interior is rewritten per image
+    std::vector<float> row(C);
+    float* f = buf.data();
+    // token -> float32 (layer-normed when ln: mean, centred variance, affine, as layer_norm_bf16),
+    // written with stride `step` floats between channel blocks
+    auto widen = [&](const bf16* src, float* dst, int64_t step) {
+      if (!ln) {
+        for (int64_t cb = 0; cb < CB; ++cb) _mm512_storeu_ps(dst + cb * step, ld16(src + cb * 16));
+        return;
+      }
+      __m512 sum = _mm512_setzero_ps(), sq = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 16) { const __m512 v = ld16(src + c); _mm512_storeu_ps(&row[c], v); sum = _mm512_add_ps(sum, v); }
+      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / C);
+      for (int64_t c = 0; c < C; c += 16) { const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(&row[c]), mean); sq = _mm512_fmadd_ps(d, d, sq); }
+      const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / C + (float)eps));
+      for (int64_t cb = 0; cb < CB; ++cb) {
+        const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(&row[cb * 16]), mean), rstd);
+        _mm512_storeu_ps(dst + cb * step, _mm512_fmadd_ps(d, _mm512_loadu_ps(gp + cb * 16), _mm512_loadu_ps(betap + cb * 16)));
+      }
+    };
+    for (int64_t b = b0; b < b1; ++b) {
+      const bf16* xi = xp + b * xb;
+      for (int64_t y = 0; y < h; ++y)
+        for (int64_t xx = 0; xx < w; ++xx) widen(xi + (p + y * w + xx) * C, f + (y + 1) * RS + (xx + 1) * 16, W2 * 16);
+      bf16* ko = kp + b * (p + hk * wk) * C; bf16* vo = vp + b * (p + hk * wk) * C;
+      bf16* qo = want_q ? qp + b * (p + h * w) * C : nullptr;
+      for (int64_t t = 0; t < p; ++t) {  // the class token(s) bypass the convolutions
+        bf16* dsts[3] = {ko + t * C, vo + t * C, qo ? qo + t * C : nullptr};
+        if (ln) {
+          std::vector<float> nrm(C);
+          widen(xi + t * C, nrm.data(), 16);
+          for (bf16* d : dsts) if (d) for (int64_t c = 0; c < C; c += 16) st16(d + c, _mm512_loadu_ps(&nrm[c]));
+        } else {
+          for (bf16* d : dsts) if (d) std::memcpy(d, xi + t * C, C * sizeof(bf16));
+        }
+      }
+      for (int64_t y = 0; y < h && qo; ++y)
+        for (int64_t cb = 0; cb < CB; ++cb) {
+          const int64_t c = cb * 16;
+          __m512 wq[9];
+          for (int t = 0; t < 9; ++t) wq[t] = _mm512_loadu_ps(wp + t * C + c);
+          const __m512 bq = _mm512_loadu_ps(bp + c);
+          const float* r0 = f + y * RS + cb * W2 * 16;  // top row of the window, this channel block
+          bf16* out = qo + (p + y * w) * C + c;
+          int64_t xx = 0;
+          for (; xx + 4 <= w; xx += 4) {  // four outputs at once: each loaded column feeds up to three of them
+            __m512 a[4] = {bq, bq, bq, bq};
+#pragma GCC unroll 3
+            for (int ty = 0; ty < 3; ++ty) {
+              const float* r = r0 + ty * RS + xx * 16;
+#pragma GCC unroll 6
+              for (int j = 0; j < 6; ++j) {
+                const __m512 iv = _mm512_loadu_ps(r + j * 16);
+#pragma GCC unroll 4
+                for (int o = 0; o < 4; ++o)
+                  if (j - o >= 0 && j - o < 3) a[o] = _mm512_fmadd_ps(iv, wq[3 * ty + j - o], a[o]);
+              }
+            }
+            for (int o = 0; o < 4; ++o) st16(out + (xx + o) * C, a[o]);
+          }
+          for (; xx < w; ++xx) {
+            const float* in = r0 + xx * 16;
+            __m512 a0 = bq;
+#pragma GCC unroll 3
+            for (int ty = 0; ty < 3; ++ty)
+#pragma GCC unroll 3
+              for (int tx = 0; tx < 3; ++tx) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(in + ty * RS + tx * 16), wq[3 * ty + tx], a0);
+            st16(out + xx * C, a0);
+          }
+        }
+      for (int64_t y = 0; y < hk; ++y)
+        for (int64_t cb = 0; cb < CB; ++cb) {
+          const int64_t c = cb * 16;
+          __m512 wkr[9], wvr[9];
+          for (int t = 0; t < 9; ++t) { wkr[t] = _mm512_loadu_ps(wp + (9 + t) * C + c); wvr[t] = _mm512_loadu_ps(wp + (18 + t) * C + c); }
+          const __m512 bk = _mm512_loadu_ps(bp + C + c), bv = _mm512_loadu_ps(bp + 2 * C + c);
+          const float* r0 = f + y * s * RS + cb * W2 * 16;
+          bf16* ok = ko + (p + y * wk) * C + c; bf16* ov = vo + (p + y * wk) * C + c;
+          int64_t xx = 0;
+          if (s == 2)
+            for (; xx + 4 <= wk; xx += 4) {  // four outputs at once (stride 2: nine loaded columns for four windows)
+              __m512 ak[4] = {bk, bk, bk, bk}, av[4] = {bv, bv, bv, bv};
+#pragma GCC unroll 3
+              for (int ty = 0; ty < 3; ++ty) {
+                const float* r = r0 + ty * RS + xx * 32;
+#pragma GCC unroll 9
+                for (int j = 0; j < 9; ++j) {
+                  const __m512 iv = _mm512_loadu_ps(r + j * 16);
+#pragma GCC unroll 4
+                  for (int o = 0; o < 4; ++o)
+                    if (j - 2 * o >= 0 && j - 2 * o < 3) {
+                      ak[o] = _mm512_fmadd_ps(iv, wkr[3 * ty + j - 2 * o], ak[o]);
+                      av[o] = _mm512_fmadd_ps(iv, wvr[3 * ty + j - 2 * o], av[o]);
+                    }
+                }
+              }
+              for (int o = 0; o < 4; ++o) { st16(ok + (xx + o) * C, ak[o]); st16(ov + (xx + o) * C, av[o]); }
+            }
+          for (; xx < wk; ++xx) {
+            const float* in = r0 + xx * s * 16;
+            __m512 ak = bk, av = bv;
+#pragma GCC unroll 3
+            for (int ty = 0; ty < 3; ++ty)
+#pragma GCC unroll 3
+              for (int tx = 0; tx < 3; ++tx) {
+                const __m512 iv = _mm512_loadu_ps(in + ty * RS + tx * 16);
+                ak = _mm512_fmadd_ps(iv, wkr[3 * ty + tx], ak);
+                av = _mm512_fmadd_ps(iv, wvr[3 * ty + tx], av);
+              }
+            st16(ok + xx * C, ak);
+            st16(ov + xx * C, av);
+          }
+        }
+    }
+  });
+  return {q, k, v};
+}
+
 bool available() { return amx_permitted() && at::native::cpublas::could_pack(at::kBFloat16); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bf16", &attention_bf16);
   m.def("layer_norm_bf16", &layer_norm_bf16);
   m.def("gelu_bf16_", &gelu_bf16_);
+  m.def("dwconv_qkv_bf16", &dwconv_qkv_bf16);
   m.def("available", &available);
 }

@@ -1,4 +1,5 @@
-"""vitlab's own CPU kernels (fused attention, layer norm, GELU) for bf16 inference on AMX CPUs.
+"""vitlab's own CPU kernels (fused attention, layer norm, GELU, CvT's depthwise q/k/v projections)
+for bf16 inference on AMX CPUs.
 
 Built from `vitlab/csrc/cpu_kernels.cpp` with `torch.utils.cpp_extension` the first time
 `fast.optimize_for_inference` prepares a bf16 model on such a CPU (about 25 s, once, with a
@@ -105,6 +106,30 @@ def attention(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     `transpose(1, 2).reshape(B, Nq, H*d)` that follows costs nothing)."""
     B, H, Nq, d = q.shape
     return mod.attention_bf16(q, k, v, float(scale), 0).view(B, Nq, H, d).transpose(1, 2)
+
+
+def dwconv_qkv(mod, x: torch.Tensor, prefix: int, grid: tuple[int, int], weights: torch.Tensor, biases: torch.Tensor,
+               kv_stride: int, want_q: bool, norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """CvT's three depthwise 3x3 projections (padding 1; q at stride 1, k and v at `kv_stride`) of the
+    token map in `x` (B, prefix + h*w, C), each returned as (B, prefix + n, C) tokens with the
+    `prefix` (class) tokens in front. `weights` (3, 9, C) and `biases` (3, C) float32 (q, k, v;
+    BatchNorm folded in). `norm` = (weight, bias, eps) (float32): layer norm applied to every token
+    of `x` first (the class tokens too), in float32, without a bf16 copy in between. q is None
+    unless `want_q`."""
+    w, b, eps = norm if norm is not None else (_EMPTY, _EMPTY, 0.0)
+    q, k, v = mod.dwconv_qkv_bf16(x, prefix, grid[0], grid[1], weights, biases, kv_stride, want_q, w, b, float(eps))
+    return (q if want_q else None), k, v
+
+
+_EMPTY = torch.empty(0)
+
+
+def dwconv_qkv_ok(x: torch.Tensor) -> bool:
+    """The fused depthwise projections apply to tokens `x`: bf16 CPU (B, N, C), C a multiple of 16,
+    dense rows, no autograd."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 3 and x.shape[2] % 16 == 0
+            and x.stride(2) == 1 and x.stride(1) == x.shape[2] and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 # GELU: Phi(x) as a cubic in u on each of GELU_INTERVALS intervals [a, a + w) of [GELU_LO, GELU_HI),
