@@ -261,11 +261,24 @@ def fast_path_table(args) -> str:
     def cvt_autocast():
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16), fast.reference_mode():
             cvt(x)
-    r = _alternate({"ac": cvt_autocast, "nofold": run_(cvt_nofold), "fold": run_(cvt_fold)}, steps)
+    def projections(model, fused):  # vitlab's depthwise-projection kernel on / off (oneDNN's convs)
+        def f():
+            for m_ in model.modules():
+                if hasattr(m_, "fused_projections"):
+                    m_.fused_projections = fused
+            with torch.inference_mode():
+                model(x)
+        return f
+    r = _alternate({"ac": cvt_autocast, "nofold": projections(cvt_nofold, False), "fold": projections(cvt_fold, False),
+                    "all": projections(cvt_fold, True)}, steps)
     _row(lines, "all inference fast paths", "CvT-13 infer", "fp32 + autocast (reference)", r["ac"], "vitlab",
-         r["fold"], B)
+         r["all"], B)
     _row(lines, "BatchNorm folded into the q/k/v depthwise convs", "CvT-13 infer", "BN kept", r["nofold"],
-         "folded", r["fold"], B)
+         "folded", r["fold"], B, "oneDNN's depthwise convs in both")
+    if kernels:
+        _row(lines, "norm1 + depthwise q/k/v projections in one kernel (`cpu_kernels.dwconv_qkv`)", "CvT-13 infer",
+             "LN + 3 oneDNN convs + copies/concats", r["fold"], "vitlab kernel", r["all"], B,
+             "class token attached in place; BN folded; float32 sums")
     del cvt, cvt_nofold, cvt_fold
 
     cm = vitlab.create_model("convmixer_768_32").eval()
@@ -463,7 +476,7 @@ def main(argv=None) -> int:
              f"warm-up steps (1 for ConvMixer training), vitlab and peer alternating in one process; C allocator: glibc's "
              f"defaults for every implementation (as shipped; see the allocator rows of the fast-path table)\n"
              f"- vitlab: `optimize_for_inference` (bf16 weights, fused linear epilogues, GELU in place, CvT's MLP "
-             f"in row blocks, vitlab's CPU kernels on AMX CPUs (attention, else SDPA; layer norm; GELU), BN folding, "
+             f"in row blocks, vitlab's CPU kernels on AMX CPUs (attention, else SDPA; layer norm; GELU; CvT's norm1 + depthwise q/k/v projections), BN folding, "
              f"channels-last for conv models), the last block computing "
              f"only the class token the head reads, and bf16 training with float32 master weights and "
              f"fused AdamW. Peers: float32 weights under bf16 autocast, SDPA attention (transformers' ViT; its "

@@ -73,6 +73,18 @@ def test_attention_ok_rejects_what_the_kernel_cannot_take():
         assert not cpu_kernels.attention_ok(leaf, k, v)                            # autograd needs PyTorch's
 
 
+def test_fused_attention_takes_any_row_stride(mod):
+    """Keys and values as views with an odd row stride (e.g. slices of a wider bf16 buffer)."""
+    g = torch.Generator().manual_seed(5)
+    buf = (torch.randn(2, 40, 2 * 64 + 3, generator=g) * 2).to(torch.bfloat16)  # row stride 131 elements
+    k, v = (buf[:, :, i * 64:(i + 1) * 64].unflatten(2, (1, 64)).transpose(1, 2) for i in (0, 1))
+    q = (torch.randn(2, 1, 30, 64, generator=g) * 2).to(torch.bfloat16)
+    assert k.stride(2) % 2 == 1 and cpu_kernels.attention_ok(q, k, v)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    got = cpu_kernels.attention(mod, q, k, v, 64 ** -0.5)
+    assert torch.allclose(got.float(), ref, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("D", [64, 100, 384, 768])
 def test_layer_norm_matches_the_float32_reference(mod, D):
     g = torch.Generator().manual_seed(D)

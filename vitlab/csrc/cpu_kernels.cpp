@@ -267,14 +267,14 @@ inline void layer_norm_rows(const bf16* xr, bf16* orow, int64_t D, const bf16* w
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) { s[r] = _mm512_setzero_ps(); q[r] = _mm512_setzero_ps(); }
   for (int64_t j = 0; j < D; j += 16) {
-    const __mmask16 m = D - j >= 16 ? 0xFFFF : (__mmask16)((1u << (D - j)) - 1);
+    const __mmask16 m = first(D - j);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) s[r] = _mm512_add_ps(s[r], ld(xr + r * D + j, m));
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) vm[r] = _mm512_set1_ps(_mm512_reduce_add_ps(s[r]) / D);
   for (int64_t j = 0; j < D; j += 16) {
-    const __mmask16 m = D - j >= 16 ? 0xFFFF : (__mmask16)((1u << (D - j)) - 1);
+    const __mmask16 m = first(D - j);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m512 c = _mm512_maskz_sub_ps(m, ld(xr + r * D + j, m), vm[r]);
@@ -284,7 +284,7 @@ inline void layer_norm_rows(const bf16* xr, bf16* orow, int64_t D, const bf16* w
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) rstd[r] = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(q[r]) / D + eps));
   for (int64_t j = 0; j < D; j += 16) {
-    const __mmask16 m = D - j >= 16 ? 0xFFFF : (__mmask16)((1u << (D - j)) - 1);
+    const __mmask16 m = first(D - j);
     const __m512 wv = ld(wp + j, m), bv = ld(bp + j, m);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {

@@ -10,6 +10,7 @@ kernels: the kernels are a speed-up, never a requirement.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -96,9 +97,8 @@ def attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The fused attention applies: bf16 CPU tensors (B, H, N, d) with d a multiple of 32,
     contiguous last dims, no autograd."""
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.dim() == 4
-            and q.shape[-1] % 32 == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and k.stride(2) % 2 == 0
-            and k.shape == v.shape and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                          or v.requires_grad)))
+            and q.shape[-1] % 32 == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and k.shape == v.shape
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
 
 def attention(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -135,21 +135,17 @@ def dwconv_qkv_ok(x: torch.Tensor) -> bool:
 # GELU: Phi(x) as a cubic in u on each of GELU_INTERVALS intervals [a, a + w) of [GELU_LO, GELU_HI),
 # u = (x - a) / w; the kernel computes x * Phi(x) with Phi clamped to the range's end points
 GELU_LO, GELU_HI, GELU_INTERVALS = -6.0, 4.0, 32
-_GELU_COEFS: list = []
-
-
+@functools.cache
 def gelu_coefficients() -> torch.Tensor:
     """(GELU_INTERVALS, 4) float32: c0..c3 of Phi (the standard normal CDF) on each interval,
     least-squares fits in float64 (max error 3e-6; GELU's relative error < 2e-4 where |GELU| > 0.01,
     about 10x below bf16's rounding). Computed once."""
-    if not _GELU_COEFS:
-        w = (GELU_HI - GELU_LO) / GELU_INTERVALS
-        u = torch.linspace(0, 1, 256, dtype=torch.float64)
-        V = torch.stack([u ** 0, u, u ** 2, u ** 3], 1)  # (256, 4)
-        a = GELU_LO + w * torch.arange(GELU_INTERVALS, dtype=torch.float64)
-        Y = torch.special.ndtr(a[None, :] + w * u[:, None])  # (256, intervals)
-        _GELU_COEFS.append(torch.linalg.lstsq(V, Y).solution.T.contiguous().float())
-    return _GELU_COEFS[0]
+    w = (GELU_HI - GELU_LO) / GELU_INTERVALS
+    u = torch.linspace(0, 1, 256, dtype=torch.float64)
+    V = torch.stack([u ** 0, u, u ** 2, u ** 3], 1)  # (256, 4)
+    a = GELU_LO + w * torch.arange(GELU_INTERVALS, dtype=torch.float64)
+    Y = torch.special.ndtr(a[None, :] + w * u[:, None])  # (256, intervals)
+    return torch.linalg.lstsq(V, Y).solution.T.contiguous().float()
 
 
 def gelu_ok(x: torch.Tensor) -> bool:

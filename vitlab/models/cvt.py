@@ -259,6 +259,8 @@ class ConvAttention(nn.Module):
         self.proj_v = ProjLinear(dim, dim, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.cpu_kernel = False  # vitlab's fused CPU attention (set by fast.optimize_for_inference)
+        # with cpu_kernel: norm1 + the three depthwise projections by vitlab's kernel where it applies
+        self.fused_projections = True
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -344,7 +346,8 @@ class ConvAttention(nn.Module):
         p = num_prefix_tokens
         if queries is not None and not 0 < queries <= p:
             raise ConfigError(f"queries={queries} must select class tokens (1..{p}) of this stage")
-        fused = self._fused_projections(x, grid, p, queries is None, norm) if self.cpu_kernel else None
+        fused = (self._fused_projections(x, grid, p, queries is None, norm)
+                 if self.cpu_kernel and self.fused_projections else None)
         if fused is not None:  # vitlab's kernel: the three depthwise convs, class token attached
             q, k, v = fused
             if queries is not None:  # the (normalised) class tokens lead k
