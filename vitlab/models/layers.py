@@ -299,11 +299,15 @@ class PatchEmbed(nn.Module):
         matrix product: oneDNN's CPU convolution runs this kernel = stride case several times
         below the matrix-product rate (ViT-S/16, batch 32, bf16: 6.6 ms against 2.8 ms)."""
         w = self.proj.weight
-        if x.dtype != w.dtype and not torch.is_autocast_enabled("cpu"):
-            x = x.to(w.dtype)  # bf16 inference models: what the input-cast hook on `proj` does
         B, C, H, W = x.shape
         (p, q), (gh, gw) = self.patch_size, (H // self.patch_size[0], W // self.patch_size[1])
-        rows = x.reshape(B, C, gh, p, gw, q).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C * p * q)
+        patches = x.reshape(B, C, gh, p, gw, q).permute(0, 2, 4, 1, 3, 5)
+        if x.dtype != w.dtype and not torch.is_autocast_enabled("cpu"):
+            # bf16 inference models (what the input-cast hook on `proj` would do): the cast and
+            # the patch gather in one copy (ViT-S/16, batch 32: 1.7 ms against 2.3 ms for two)
+            rows = torch.empty(patches.shape, dtype=w.dtype).copy_(patches).view(B * gh * gw, C * p * q)
+        else:
+            rows = patches.reshape(B * gh * gw, C * p * q)
         out = F.linear(rows, w.reshape(self.proj.out_channels, C * p * q), self.proj.bias)
         return out.view(B, gh * gw, -1), (gh, gw)
 
