@@ -174,9 +174,10 @@ def fast_path_table(args) -> str:
 
     kernels = fast.use_cpu_kernels(m, None)  # vitlab's CPU kernels, where they can be built
 
-    def all_fast(with_kernels=False):
+    def all_fast(with_kernels=False, streams=1):
         def f():
             fast.use_cpu_kernels(m, with_kernels)
+            m.inference_streams = streams
             with torch.inference_mode():
                 m(x)
         return f
@@ -188,6 +189,9 @@ def fast_path_table(args) -> str:
     fns = {"a": autocast_fp32, "b": bf16_weights, "full": full_last_block, "c": all_fast()}
     if kernels:
         fns["k"] = all_fast(True)
+    streams = fast.auto_inference_streams()
+    if streams > 1:
+        fns["s"] = all_fast(kernels, streams)
     r = _alternate(fns, steps)
     _row(lines, "bf16 weights cast once (`optimize_for_inference`)", "ViT-S/16 infer", "fp32 + autocast", r["a"],
          "bf16 weights", r["b"], B, "no per-call weight casts; bf16 norms/residuals")
@@ -203,6 +207,10 @@ def fast_path_table(args) -> str:
         from vitlab.models import cpu_kernels
         lines.append(f"| vitlab's CPU kernels (`cpu_kernels`) | ViT-S/16 infer | - | - | - | not measured: "
                      f"{cpu_kernels.unavailable_reason()} |")
+    if streams > 1:
+        _row(lines, f"inference streams: the batch in {streams} parts, one core each (`fast.run_in_streams`)",
+             "ViT-S/16 infer", "intra-op threads", r["k" if kernels else "c"], f"{streams} streams", r["s"], B,
+             "no barrier per operator where every core waits for the slowest; same logits")
 
     # 3. attention kernels at ViT-S and ViT-B shapes
     for label, heads in (("ViT-S/16", 6), ("ViT-B/16", 12)):
@@ -264,29 +272,38 @@ def fast_path_table(args) -> str:
     def cvt_autocast():
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16), fast.reference_mode():
             cvt(x)
-    def projections(model, fused):  # vitlab's depthwise-projection kernel on / off (oneDNN's convs)
+    def projections(model, fused, streams_=1):  # vitlab's depthwise-projection kernel on / off (oneDNN's convs)
         def f():
             for m_ in model.modules():
                 if hasattr(m_, "fused_projections"):
                     m_.fused_projections = fused
+            model.inference_streams = streams_
             with torch.inference_mode():
                 model(x)
         return f
-    r = _alternate({"ac": cvt_autocast, "nofold": projections(cvt_nofold, False), "fold": projections(cvt_fold, False),
-                    "all": projections(cvt_fold, True)}, steps)
+    cvt_fns = {"ac": cvt_autocast, "nofold": projections(cvt_nofold, False), "fold": projections(cvt_fold, False),
+               "proj": projections(cvt_fold, True)}
+    if streams > 1:
+        cvt_fns["all"] = projections(cvt_fold, True, streams)
+    r = _alternate(cvt_fns, steps)
+    r.setdefault("all", r["proj"])
     _row(lines, "all inference fast paths", "CvT-13 infer", "fp32 + autocast (reference)", r["ac"], "vitlab",
          r["all"], B)
     _row(lines, "BatchNorm folded into the q/k/v depthwise convs", "CvT-13 infer", "BN kept", r["nofold"],
          "folded", r["fold"], B, "oneDNN's depthwise convs in both")
     if kernels:
         _row(lines, "norm1 + depthwise q/k/v projections in one kernel (`cpu_kernels.dwconv_qkv`)", "CvT-13 infer",
-             "LN + 3 oneDNN convs + copies/concats", r["fold"], "vitlab kernel", r["all"], B,
+             "LN + 3 oneDNN convs + copies/concats", r["fold"], "vitlab kernel", r["proj"], B,
              "class token attached in place; BN folded; float32 sums")
+    if streams > 1:
+        _row(lines, f"inference streams ({streams} parts, one core each)", "CvT-13 infer", "intra-op threads",
+             r["proj"], f"{streams} streams", r["all"], B)
     del cvt, cvt_nofold, cvt_fold
 
     cm = vitlab.create_model("convmixer_768_32").eval()
-    cm_bf = fast.optimize_for_inference(copy.deepcopy(cm), channels_last=False)
-    cm_bf_cl = fast.optimize_for_inference(copy.deepcopy(cm), channels_last=True)
+    # one stream each: these rows isolate the weights' dtype and the memory format
+    cm_bf = fast.optimize_for_inference(copy.deepcopy(cm), channels_last=False, streams=1)
+    cm_bf_cl = fast.optimize_for_inference(copy.deepcopy(cm), channels_last=True, streams=1)
 
     def cm_autocast():
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
@@ -483,6 +500,7 @@ def main(argv=None) -> int:
              f"defaults for every implementation (as shipped; see the allocator rows of the fast-path table)\n"
              f"- vitlab: `optimize_for_inference` (bf16 weights, fused linear epilogues, GELU in place, CvT's MLP "
              f"in row blocks, vitlab's CPU kernels on AMX CPUs (attention, else SDPA; layer norm; GELU; CvT's norm1 + depthwise q/k/v projections), BN folding, "
+             f"inference streams (the batch in one part per core: `fast.auto_inference_streams`), "
              f"channels-last for conv models), the last block computing "
              f"only the class token the head reads, and bf16 training with float32 master weights and "
              f"fused AdamW. Peers: float32 weights under bf16 autocast, SDPA attention (transformers' ViT; its "

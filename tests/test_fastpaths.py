@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitlab
-from vitlab.models import fast
+from vitlab.errors import ConfigError
+from vitlab.models import create_model, fast
 
 BF16_TOL = 2e-2
 
@@ -479,3 +480,59 @@ def test_patch_embedding_as_one_matrix_product_is_the_strided_conv(patch, size):
     assert grid == ref_grid == (size[0] // patch, size[1] // patch)
     for a, b in ((out, ref), (gx, rx), (gw, rw), (gb, rb)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- inference streams
+@pytest.mark.parametrize("name,dtype", [("vit_ti16", "bf16"), ("cvt_13", "bf16"), ("convmixer_256_8", "fp32")])
+def test_inference_streams_compute_the_same_logits(name, dtype):
+    torch.manual_seed(0)
+    m = fast.optimize_for_inference(create_model(name, num_classes=7, img_size=64 if "convmixer" in name else 224),
+                                    dtype=dtype, streams=2)
+    x = torch.randn(8, 3, 64 if "convmixer" in name else 224, 64 if "convmixer" in name else 224)
+    with torch.inference_mode():
+        assert fast.streams_for(m, x) == 2
+        got = m(x)
+        m.inference_streams = 1
+        assert fast.streams_for(m, x) == 1
+        want = m(x)
+    assert got.shape == want.shape == (8, 7)
+    # each part's rows are computed as in the whole batch, up to the products' row blocking
+    assert torch.allclose(got.float(), want.float(), atol=2e-2 * want.float().abs().max().item(), rtol=0)
+
+
+def test_stream_threads_run_their_operators_on_one_core_each():
+    main = torch.get_num_threads()
+    x = torch.zeros(8, 3)
+    with torch.inference_mode():
+        seen = fast.run_in_streams(lambda p: torch.full((p.shape[0],), torch.get_num_threads()), x, 2)
+    assert seen.tolist() == [1] * 8
+    assert torch.get_num_threads() == main  # the caller's intra-op threads are unchanged
+
+
+def test_streams_apply_only_where_they_keep_the_semantics():
+    m = fast.optimize_for_inference(create_model("vit_ti16", num_classes=5), streams=2)
+    x = torch.randn(8, 3, 224, 224)
+    assert fast.streams_for(m, x) == 1                      # autograd on: training / gradients stay whole
+    with torch.no_grad():
+        assert fast.streams_for(m, x) == 2
+        assert fast.streams_for(m, x[:7]) == 1              # fewer than 4 images per stream
+        with torch.autocast("cpu", torch.bfloat16):
+            assert fast.streams_for(m, x) == 1              # thread-local autocast state is not carried over
+        handle = m.blocks[0].register_forward_hook(lambda *a: None)
+        assert fast.streams_for(m, x) == 1                  # a user's hook would see parts, in other threads
+        handle.remove()
+        assert fast.streams_for(m, x) == 2                  # vitlab's own input-cast hook does not count
+        plain = create_model("vit_ti16", num_classes=5).eval()
+        assert fast.streams_for(plain, x) == 1              # only models prepared by optimize_for_inference
+    with pytest.raises(ConfigError, match="streams must be a positive"):
+        fast.optimize_for_inference(create_model("vit_ti16", num_classes=5), streams=0)
+
+
+def test_an_error_in_a_stream_reaches_the_caller():
+    def boom(part):
+        raise ConfigError("bad part")
+    with torch.no_grad(), pytest.raises(ConfigError, match="bad part"):
+        fast.run_in_streams(boom, torch.zeros(8, 3), 2)
+    m = fast.optimize_for_inference(create_model("vit_ti16", num_classes=5), streams=2)
+    with torch.no_grad(), pytest.raises(ConfigError, match="channels"):
+        m(torch.randn(8, 4, 224, 224))  # wrong channel count: the model's own clear error, from a stream

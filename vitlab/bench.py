@@ -17,7 +17,8 @@ What one run measures:
   set size says little there because the C allocator keeps freed memory for reuse).
 
 "Fast" is vitlab as shipped: bf16 weights cast once (`optimize_for_inference`), the fused
-linear/attention paths of `vitlab.models.fast`, bf16 training with float32 master weights
+linear/attention paths of `vitlab.models.fast`, vitlab's CPU kernels, inference streams on
+CPUs with 2-4 cores (the batch in one part per core), bf16 training with float32 master weights
 and fused AdamW. `--reference` measures the "before": float32 weights under bf16 autocast,
 plain PyTorch kernels, AdamW's default (foreach) update. The peer gets the usual options of
 its library: float32 weights under bf16 autocast, SDPA attention where it has it, fused AdamW.
@@ -658,8 +659,15 @@ def run(args) -> int:
     if r0.mode == "infer" and r0.dtype == "bf16" and torch.device(args.device).type == "cpu" and not args.reference:
         from vitlab.models import cpu_kernels
         used = cpu_kernels.get() is not None
-        print("vitlab's CPU kernels (fused attention, layer norm, GELU): "
+        print("vitlab's CPU kernels (fused attention, layer norm, GELU, CvT's q/k/v projections): "
               + ("in use" if used else f"not used ({cpu_kernels.unavailable_reason()})"))
+    if r0.mode == "infer" and torch.device(args.device).type == "cpu" and not args.reference and not args.compile:
+        from vitlab.models import fast
+
+        n = fast.auto_inference_streams()
+        per = r0.batch_size // max(n, 1)
+        print(f"inference streams: {n} (the batch in {n} parts of {per} images, one core each)" if n > 1
+              and per >= fast.MIN_IMAGES_PER_STREAM else "inference streams: off (intra-op threads)")
     if len(results) > 1:
         ratio = results[1].step_s / results[0].step_s
         paired = [b / a for a, b in zip(results[0].times, results[1].times)]

@@ -2,14 +2,17 @@
 
     python benchmarks/experiments/cpu_kernels.py [--rounds 30]
 
-Builds the kernels if needed (~25 s once; g++, ninja and an AMX CPU), then prints four tables:
+Builds the kernels if needed (~25 s once; g++, ninja and an AMX CPU), then prints five tables:
 1. the fused attention alone against `F.scaled_dot_product_attention` at ViT-S/16, ViT-B/16 and
    CvT-13 shapes (batch 32, bf16), alternating call by call, with each one's error against float32;
 2. what each part of the fused attention costs at ViT-S/16's shape (by skipping it: `parts`);
 3. the GELU kernel against PyTorch's on ViT-S/16's fc1 output (after the product, as in the model),
    with each one's largest error over every bf16 input, in bf16 units in the last place;
-4. vitlab's ViT-S/16 and CvT-13 forward (batch 32, bf16, `optimize_for_inference`) with PyTorch's
-   kernels and with vitlab's (`fast.use_cpu_kernels` on/off), alternating, medians of `--rounds`.
+4. CvT-13's norm1 + depthwise q/k/v projections by vitlab's kernel against the layer norm kernel,
+   oneDNN's three convs and the copies/concatenations that attach the class token, per stage;
+5. vitlab's ViT-S/16 and CvT-13 forward (batch 32, bf16, `optimize_for_inference`) with PyTorch's
+   kernels and with vitlab's (`fast.use_cpu_kernels` on/off), alternating, medians of `--rounds`;
+   and CvT-13 with the projection kernel alone switched off.
 """
 from __future__ import annotations
 
@@ -82,6 +85,46 @@ def gelu_table(ck, mod, rounds: int) -> str:
     return "\n".join(rows).replace("| nan |", "| - |")
 
 
+def projection_table(ck, mod, rounds: int) -> str:
+    """CvT's norm1 + three depthwise q/k/v projections: vitlab's kernel against what runs without it
+    (vitlab's layer norm kernel, three oneDNN depthwise convs with BN folded, the dense copy of the
+    patch tokens and the concatenations with the class token), with each one's error against float32."""
+    rows = ["| CvT-13 stage (batch 32) | LN + oneDNN convs + copies (ms) | vitlab kernel (ms) | speed-up | "
+            "max rel. err vs fp32 (vitlab / oneDNN) |", "|---|---|---|---|---|"]
+    g = torch.Generator().manual_seed(0)
+    for stage, (p, h, C) in enumerate([(0, 56, 64), (0, 28, 192), (1, 14, 384)], 1):
+        B = 32
+        x = (torch.randn(B, p + h * h, C, generator=g) * 2).to(torch.bfloat16)
+        wt, bt = torch.randn(3, 9, C, generator=g) * 0.3, torch.randn(3, C, generator=g) * 0.1
+        lw, lb = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g) * 0.1
+        w16 = [wt[i].t().reshape(C, 1, 3, 3).to(torch.bfloat16) for i in range(3)]
+        b16 = [bt[i].to(torch.bfloat16) for i in range(3)]
+
+        def unfused(z=x):
+            hN = mod.layer_norm_bf16(z, lw.to(torch.bfloat16), lb.to(torch.bfloat16), 1e-5)
+            pre, tok = hN[:, :p], hN[:, p:].contiguous()
+            fm = tok.reshape(B, h, h, C).permute(0, 3, 1, 2)
+            outs = []
+            for i, s in enumerate((1, 2, 2)):
+                y = F.conv2d(fm, w16[i], b16[i], s, 1, 1, C).permute(0, 2, 3, 1).reshape(B, -1, C)
+                outs.append(torch.cat([pre, y], 1) if p else y)
+            return outs
+
+        def fused():
+            return ck.dwconv_qkv(mod, x, p, (h, h), wt, bt, 2, True, (lw, lb, 1e-5))
+
+        z = F.layer_norm(x.float(), (C,), lw, lb, 1e-5)
+        fm = z[:, p:].reshape(B, h, h, C).permute(0, 3, 1, 2)
+        ref = [torch.cat([z[:, :p], F.conv2d(fm, wt[i].t().reshape(C, 1, 3, 3), bt[i], s, 1, 1, C)
+                          .permute(0, 2, 3, 1).reshape(B, -1, C)], 1) for i, s in enumerate((1, 2, 2))]
+        err = lambda outs: max(((o.float() - r).abs().max() / r.abs().max()).item() for o, r in zip(outs, ref))
+        e_f, e_u = err(fused()), err(unfused())
+        t, _ = alternate({"unfused": unfused, "fused": fused}, rounds)
+        rows.append(f"| {stage}: {h}x{h} x {C}{' + class token' if p else ''} | {t['unfused'] * 1e3:.2f} | "
+                    f"{t['fused'] * 1e3:.2f} | {t['unfused'] / t['fused']:.2f}x | {e_f:.4f} / {e_u:.4f} |")
+    return "\n".join(rows)
+
+
 def model_table(rounds: int) -> str:
     from vitlab.models import create_model, fast
 
@@ -103,6 +146,22 @@ def model_table(rounds: int) -> str:
         q = statistics.quantiles(ratios, n=4)
         rows.append(f"| {name} | {med['off'] * 1e3:.1f} | {med['on'] * 1e3:.1f} | {statistics.median(ratios):.3f}x | "
                     f"{q[0]:.3f}-{q[2]:.3f} | {diff:.4f} |")
+        if name == "cvt_13":  # the projection kernel alone: every other kernel on in both
+            def proj(on):
+                def f():
+                    fast.use_cpu_kernels(m, True)
+                    for mod_ in m.modules():
+                        if hasattr(mod_, "fused_projections"):
+                            mod_.fused_projections = on
+                    with torch.no_grad():
+                        return m(x)
+                return f
+            diff = (proj(False)().float() - proj(True)().float()).abs().max().item()
+            med, times = alternate({"off": proj(False), "on": proj(True)}, rounds)
+            ratios = [a / b for a, b in zip(times["off"], times["on"])]
+            q = statistics.quantiles(ratios, n=4)
+            rows.append(f"| cvt_13: norm1 + q/k/v projection kernel off / on (other kernels on) | {med['off'] * 1e3:.1f} | "
+                        f"{med['on'] * 1e3:.1f} | {statistics.median(ratios):.3f}x | {q[0]:.3f}-{q[2]:.3f} | {diff:.4f} |")
     return "\n".join(rows)
 
 
@@ -122,6 +181,7 @@ def main(argv=None):
     print(kernel_table(ck, mod, args.rounds), "\n", flush=True)
     print(parts_table(ck, mod, args.rounds), "\n", flush=True)
     print(gelu_table(ck, mod, args.rounds), "\n", flush=True)
+    print(projection_table(ck, mod, args.rounds), "\n", flush=True)
     print(model_table(args.rounds), flush=True)
 
 

@@ -508,9 +508,12 @@ std::vector<torch::Tensor> dwconv_qkv_bf16(torch::Tensor x, int64_t p, int64_t h
 bool available() { return amx_permitted() && at::native::cpublas::could_pack(at::kBFloat16); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attention_bf16", &attention_bf16);
-  m.def("layer_norm_bf16", &layer_norm_bf16);
-  m.def("gelu_bf16_", &gelu_bf16_);
-  m.def("dwconv_qkv_bf16", &dwconv_qkv_bf16);
+  // the GIL is released while a kernel runs: inference streams (vitlab.models.fast.run_in_streams)
+  // and any other Python threads keep running
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("attention_bf16", &attention_bf16, nogil);
+  m.def("layer_norm_bf16", &layer_norm_bf16, nogil);
+  m.def("gelu_bf16_", &gelu_bf16_, nogil);
+  m.def("dwconv_qkv_bf16", &dwconv_qkv_bf16, nogil);
   m.def("available", &available);
 }

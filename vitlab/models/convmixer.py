@@ -232,6 +232,9 @@ class ConvMixer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        streams = fast.streams_for(self, x)  # CPU inference: batch parts on separate cores
+        if streams > 1:
+            return fast.run_in_streams(self.forward, x, streams)
         return self.forward_head(self.forward_features(x))
 
     # ------------------------------------------------------------------ analysis accessors

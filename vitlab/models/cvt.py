@@ -691,6 +691,9 @@ class ConvolutionalVisionTransformer(nn.Module):
         # compute just that one there (the same logits; forward_features returns every token).
         # Not in training: the skipped query convolution's BatchNorm would miss its statistics
         # update and its parameters their (zero) gradients, which weight decay and DDP expect.
+        streams = fast.streams_for(self, x)  # CPU inference: batch parts on separate cores
+        if streams > 1:
+            return fast.run_in_streams(self.forward, x, streams)
         last_queries = 1 if self.global_pool == "token" and not self.training else None
         return self.forward_head(self._run(x, last_queries=last_queries)["tokens"])
 

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterable
 
 import torch
@@ -506,7 +509,8 @@ def _image_input_module(model: nn.Module) -> nn.Module:
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bfloat16,
                            channels_last: bool | None = None, fold_bn: bool = True,
-                           compile: bool = False, cpu_kernels: bool | None = None) -> nn.Module:
+                           compile: bool = False, cpu_kernels: bool | None = None,
+                           streams: int | None = None) -> nn.Module:
     """Prepare a built model for fast inference, in place; returns it.
 
     - eval mode, autograd off for its parameters;
@@ -519,7 +523,9 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bf
     - `compile=True`: `torch.compile` of each repeated block (`compile_blocks`);
     - bf16 on a CPU with AMX: vitlab's fused attention, layer-norm and GELU kernels
       (`vitlab.models.cpu_kernels`, built by the first such call, ~25 s once). `cpu_kernels=None` uses
-      them where they can be built, `False` never, `True` insists (an error says why not).
+      them where they can be built, `False` never, `True` insists (an error says why not);
+    - CPU batches run as `streams` parts in parallel, one core each (`run_in_streams`; None: one
+      stream per core on CPUs with 2-4 cores, `auto_inference_streams`; 1: off). Not with `compile`.
 
     Outputs are in `dtype`; `model(x).float()` for float32 logits. Training after this needs a
     fresh model (BatchNorm statistics were folded away).
@@ -545,6 +551,9 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bf
     model._vitlab_cast_hook = _image_input_module(model).register_forward_pre_hook(
         _cast_input_hook(dtype, bool(channels_last)), with_kwargs=True)
     use_cpu_kernels(model, cpu_kernels if dtype == torch.bfloat16 else False)
+    if streams is not None and (not isinstance(streams, int) or streams < 1):
+        raise ConfigError(f"streams must be a positive number of parallel batch parts (or None: auto), got {streams!r}")
+    model.inference_streams = 1 if compile else streams
     if compile:
         compile_blocks(model)
     return model
@@ -571,6 +580,95 @@ def use_cpu_kernels(model: nn.Module, enable: bool | None = None) -> bool:
         if type(m) in (nn.LayerNorm, ck.FastLayerNorm):
             m.__class__ = ck.FastLayerNorm if enable else nn.LayerNorm
     return bool(enable)
+
+
+# ----------------------------------------------------------------------------- inference streams
+# Batch-parallel inference on CPU: the batch split into equal parts, each run by its own thread
+# whose operators use one core, instead of every operator split over all cores (PyTorch's
+# intra-op threads). What IPEX calls multi-stream inference, with plain threads: every operator
+# vitlab calls releases the GIL. Why: each intra-op operator ends at a barrier where every core
+# waits for the slowest, hundreds of times per forward; on a CPU shared with other tenants one
+# core is often slower for seconds, and the streams stop waiting for it except at the very end.
+# Measured on the development CPU (2 cores, batch 32, bf16, alternating with intra-op threads):
+# ViT-S/16 1.06-1.19x, CvT-13 1.10-1.16x (docs/speed.md). Bit-identical outputs there (the row
+# blocking of the products does not change with the batch); at most bf16 rounding apart elsewhere.
+_STREAMS: dict = {"n": 0, "pool": None, "lock": threading.Lock()}
+_STREAM_THREAD = threading.local()
+MIN_IMAGES_PER_STREAM = 4
+MAX_AUTO_STREAMS = 4  # one stream per core up to 4 cores (measured on 2); more cores: intra-op threads
+
+
+def auto_inference_streams() -> int:
+    """Streams `inference_streams=None` uses: one per intra-op thread for 2-4 threads, else 1 (off)."""
+    n = torch.get_num_threads()
+    return n if 2 <= n <= MAX_AUTO_STREAMS else 1
+
+
+def _user_hooks(model: nn.Module) -> bool:
+    """Forward hooks other than vitlab's input cast: they would run once per part, in other threads."""
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return True
+    ours = getattr(getattr(model, "_vitlab_cast_hook", None), "id", None)
+    return any(m._forward_hooks or any(k != ours for k in m._forward_pre_hooks) for m in model.modules())
+
+
+def streams_for(model: nn.Module, x) -> int:
+    """How many streams `model(x)` runs as (1: the usual intra-op threads). Streams apply to
+    models prepared by `optimize_for_inference` (`model.inference_streams`), CPU inference
+    (autograd off, no autocast, nothing intercepting operators, no user forward hooks) and
+    batches of at least MIN_IMAGES_PER_STREAM images per stream."""
+    n = getattr(model, "inference_streams", 1)
+    n = auto_inference_streams() if n is None else int(n)
+    if (n < 2 or not torch.is_tensor(x) or x.device.type != "cpu" or x.ndim == 0
+            or x.shape[0] < MIN_IMAGES_PER_STREAM * n or getattr(_STREAM_THREAD, "active", False)):
+        return 1
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not (_STATE["enabled"] and _plain_context()):
+        return 1
+    return 1 if _user_hooks(model) else n
+
+
+def _stream_pool(n: int):
+    with _STREAMS["lock"]:
+        if _STREAMS["n"] != n:
+            if _STREAMS["pool"] is not None:
+                _STREAMS["pool"].shutdown(wait=True)
+            main_threads = torch.get_num_threads()
+            pool = ThreadPoolExecutor(n, thread_name_prefix="vitlab-stream")
+            ready = threading.Barrier(n)  # n distinct threads, each set up once
+
+            def setup():
+                torch.set_num_threads(1)  # this thread's operators run on one core
+                _STREAM_THREAD.active = True
+                ready.wait()
+            for f in [pool.submit(setup) for _ in range(n)]:
+                f.result()
+            torch.set_num_threads(main_threads)  # the process default back (the stream threads keep 1)
+            _STREAMS.update(n=n, pool=pool)
+        return _STREAMS["pool"]
+
+
+def _forget_streams_after_fork():  # a forked child (DataLoader worker) has none of the threads
+    _STREAMS.update(n=0, pool=None, lock=threading.Lock())
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_streams_after_fork)
+
+
+def run_in_streams(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: int) -> torch.Tensor:
+    """forward(x) as n equal parts of the batch, each in a stream thread; the parts' outputs
+    concatenated. Inference mode is carried into the threads (autograd is off: see streams_for)."""
+    pool = _stream_pool(n)
+    inference = torch.is_inference_mode_enabled()
+
+    def job(part):
+        with torch.inference_mode(inference), torch.no_grad():
+            return forward(part)
+    futures = [pool.submit(job, part) for part in x.chunk(n)]
+    wait(futures)  # every part finished (or failed) before anything is returned or raised
+    return torch.cat([f.result() for f in futures])
 
 
 # ----------------------------------------------------------------------------- optimizers
