@@ -125,43 +125,44 @@ def projection_table(ck, mod, rounds: int) -> str:
     return "\n".join(rows)
 
 
+def _on_off_row(label: str, run, rounds: int) -> str:
+    """One table row: `run(False)` against `run(True)`, alternating, with the largest logit difference."""
+    diff = (run(False)().float() - run(True)().float()).abs().max().item()
+    med, times = alternate({"off": run(False), "on": run(True)}, rounds)
+    ratios = [a / b for a, b in zip(times["off"], times["on"])]
+    q = statistics.quantiles(ratios, n=4)
+    return (f"| {label} | {med['off'] * 1e3:.1f} | {med['on'] * 1e3:.1f} | {statistics.median(ratios):.3f}x | "
+            f"{q[0]:.3f}-{q[2]:.3f} | {diff:.4f} |")
+
+
 def model_table(rounds: int) -> str:
     from vitlab.models import create_model, fast
 
-    rows = ["| model (batch 32, bf16) | PyTorch's kernels (ms) | vitlab's kernels (ms) | median per-round ratio | "
+    rows = ["| model (batch 32, bf16, one stream) | without (ms) | with (ms) | median per-round ratio | "
             "quartiles | max logit diff |", "|---|---|---|---|---|---|"]
     x = torch.randn(32, 3, 224, 224)
     for name in ("vit_s16", "cvt_13"):
-        m = fast.optimize_for_inference(create_model(name))
+        m = fast.optimize_for_inference(create_model(name), streams=1)
 
-        def run(on):
+        def kernels(on):
             def f():
                 fast.use_cpu_kernels(m, on)
                 with torch.no_grad():
                     return m(x)
             return f
-        diff = (run(False)().float() - run(True)().float()).abs().max().item()
-        med, times = alternate({"off": run(False), "on": run(True)}, rounds)
-        ratios = [a / b for a, b in zip(times["off"], times["on"])]
-        q = statistics.quantiles(ratios, n=4)
-        rows.append(f"| {name} | {med['off'] * 1e3:.1f} | {med['on'] * 1e3:.1f} | {statistics.median(ratios):.3f}x | "
-                    f"{q[0]:.3f}-{q[2]:.3f} | {diff:.4f} |")
-        if name == "cvt_13":  # the projection kernel alone: every other kernel on in both
-            def proj(on):
-                def f():
-                    fast.use_cpu_kernels(m, True)
-                    for mod_ in m.modules():
-                        if hasattr(mod_, "fused_projections"):
-                            mod_.fused_projections = on
-                    with torch.no_grad():
-                        return m(x)
-                return f
-            diff = (proj(False)().float() - proj(True)().float()).abs().max().item()
-            med, times = alternate({"off": proj(False), "on": proj(True)}, rounds)
-            ratios = [a / b for a, b in zip(times["off"], times["on"])]
-            q = statistics.quantiles(ratios, n=4)
-            rows.append(f"| cvt_13: norm1 + q/k/v projection kernel off / on (other kernels on) | {med['off'] * 1e3:.1f} | "
-                        f"{med['on'] * 1e3:.1f} | {statistics.median(ratios):.3f}x | {q[0]:.3f}-{q[2]:.3f} | {diff:.4f} |")
+
+        def projections(on):  # the projection kernel alone: every other kernel on in both
+            def f():
+                fast.use_cpu_kernels(m, True)
+                for mod_ in m.modules():
+                    if hasattr(mod_, "fused_projections"):
+                        mod_.fused_projections = on
+                with torch.no_grad():
+                    return m(x)
+            return f
+        rows.append(_on_off_row(f"{name}: vitlab's kernels", kernels, rounds))
+        if name == "cvt_13":
+            rows.append(_on_off_row("cvt_13: norm1 + q/k/v projection kernel (other kernels on)", projections, rounds))
     return "\n".join(rows)
 
 
