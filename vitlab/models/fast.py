@@ -590,7 +590,7 @@ def use_cpu_kernels(model: nn.Module, enable: bool | None = None) -> bool:
 # waits for the slowest, hundreds of times per forward; on a CPU shared with other tenants one
 # core is often slower for seconds, and the streams stop waiting for it except at the very end.
 # Measured on the development CPU (2 cores, batch 32, bf16, alternating with intra-op threads):
-# ViT-S/16 1.06-1.19x, CvT-13 1.10-1.16x (docs/speed.md). Bit-identical outputs there (the row
+# ViT-S/16 1.06-1.23x, CvT-13 1.09-1.19x (docs/speed.md). Bit-identical outputs there (the row
 # blocking of the products does not change with the batch); at most bf16 rounding apart elsewhere.
 _STREAMS: dict = {"n": 0, "pool": None, "lock": threading.Lock()}
 _STREAM_THREAD = threading.local()
