@@ -377,6 +377,21 @@ def fast_path_table(args) -> str:
          "fp32 weights + autocast, foreach AdamW", r["ac"], "bf16 + fp32 masters, fused AdamW", r["bf"], B)
     del ac_model, ac_opt, bf_model, bf_opt
 
+    # vitlab's GELU and layer-norm kernels with their backward, in CvT-13's bf16 training step
+    cvt = vitlab.create_model("cvt_13")
+    kernel_steps = {}
+    for on in (False, True):
+        m = bench.prepare(copy.deepcopy(cvt), "train", torch.bfloat16, torch.device("cpu"), fast=True)
+        fast.use_cpu_kernels(m, None if on else False)
+        xm = x.contiguous(memory_format=torch.channels_last) if getattr(m, "memory_format_channels_last", False) else x
+        kernel_steps["on" if on else "off"] = bench.make_step(m, m, "train", xm, y, dtype=torch.bfloat16, fast=True,
+                                                              device=torch.device("cpu"), optimizer="foreach")
+    r = _alternate(kernel_steps, args.train_steps)
+    _row(lines, "vitlab's GELU and layer-norm kernels with their backward (training)", "CvT-13 train step",
+         "PyTorch's GELU / layer norm", r["off"], "vitlab kernels", r["on"], B,
+         "bf16 + fp32 masters in both; GELU' from the same cubic table + exp; dw, db summed in a fixed order")
+    del cvt, kernel_steps
+
     params = [p.detach().clone().requires_grad_(True) for p in base.parameters()]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3

@@ -33,3 +33,27 @@ def shared_data() -> Path:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def bf16_values() -> torch.Tensor:
+    """Every finite bf16 value with |x| < 1e4 (an element-wise kernel's whole input domain at bf16 resolution)."""
+    allv = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    return allv[torch.isfinite(allv.float()) & (allv.float().abs() < 1e4)].clone()
+
+
+@pytest.fixture(scope="session")
+def bf16_ulps():
+    """ulps(got, exact): |got - exact| in units of bf16's spacing at |exact| (8 significant bits)."""
+    return lambda got, exact: (got.double() - exact).abs() / 2.0 ** (torch.floor(torch.log2(exact.abs())) - 7)
+
+
+@pytest.fixture(scope="session")
+def mod():
+    """vitlab's compiled CPU kernels (vitlab.models.cpu_kernels); the test skips, with the reason, where they cannot be built."""
+    from vitlab.models import cpu_kernels
+
+    m = cpu_kernels.get()
+    if m is None:
+        pytest.skip(f"vitlab's CPU kernels are not available here: {cpu_kernels.unavailable_reason()}")
+    return m

@@ -13,14 +13,6 @@ from vitlab.errors import ConfigError
 from vitlab.models import cpu_kernels, create_model, fast
 
 
-@pytest.fixture(scope="module")
-def mod():
-    m = cpu_kernels.get()
-    if m is None:
-        pytest.skip(f"vitlab's CPU kernels are not available here: {cpu_kernels.unavailable_reason()}")
-    return m
-
-
 def _qkv(B, H, Nq, N, d, seed=0, layout="split"):
     g = torch.Generator().manual_seed(seed)
     if layout == "fused":  # q, k, v as strided views of one qkv projection, as in ViT's Attention
@@ -101,27 +93,16 @@ def test_layer_norm_matches_the_float32_reference(mod, D):
     assert err <= 1.5 * torch_err + 1e-3, (err, torch_err)
 
 
-def _bf16_values():
-    """Every finite bf16 value with |x| < 1e4 (GELU's whole input domain at bf16 resolution)."""
-    allv = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    return allv[torch.isfinite(allv.float()) & (allv.float().abs() < 1e4)].clone()
-
-
-def _ulps(got, exact):
-    """|got - exact| in units of bf16's spacing at |exact| (8 significant bits)."""
-    return (got.double() - exact).abs() / 2.0 ** (torch.floor(torch.log2(exact.abs())) - 7)
-
-
-def test_gelu_kernel_is_exact_gelu_within_bf16_rounding(mod):
-    x = _bf16_values()
+def test_gelu_kernel_is_exact_gelu_within_bf16_rounding(mod, bf16_values, bf16_ulps):
+    x = bf16_values.clone()
     exact = x.double() * torch.special.ndtr(x.double())  # x Phi(x), the erf form
     got = x.clone()
     assert cpu_kernels.gelu_(mod, got) is got  # in place
     big = exact.abs() > 1e-6
-    ulps = _ulps(got, exact)[big]
+    ulps = bf16_ulps(got, exact)[big]
     # rounding alone is 0.5 ulp; the piecewise cubic adds < 0.05 ulp where it matters
     assert ulps.max().item() < 1.2, ulps.max().item()
-    assert ulps.max().item() <= _ulps(F.gelu(x), exact)[big].max().item()  # no worse than PyTorch's bf16 GELU
+    assert ulps.max().item() <= bf16_ulps(F.gelu(x), exact)[big].max().item()  # no worse than PyTorch's bf16 GELU
     assert (got.double() - exact).abs()[~big].max().item() < 1e-8  # tiny outputs: tiny absolute error
     special = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -7.0]).to(torch.bfloat16)
     out = cpu_kernels.gelu_(mod, special.clone()).float()

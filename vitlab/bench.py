@@ -18,8 +18,8 @@ What one run measures:
 
 "Fast" is vitlab as shipped: bf16 weights cast once (`optimize_for_inference`), the fused
 linear/attention paths of `vitlab.models.fast`, vitlab's CPU kernels, inference streams on
-CPUs with 2-4 cores (the batch in one part per core), bf16 training with float32 master weights
-and fused AdamW. `--reference` measures the "before": float32 weights under bf16 autocast,
+CPUs with 2-4 cores (the batch in one part per core), bf16 training with float32 master weights,
+vitlab's GELU and layer-norm kernels (with their backward) and fused AdamW. `--reference` measures the "before": float32 weights under bf16 autocast,
 plain PyTorch kernels, AdamW's default (foreach) update. The peer gets the usual options of
 its library: float32 weights under bf16 autocast, SDPA attention where it has it, fused AdamW.
 """
@@ -426,6 +426,8 @@ def prepare(model: nn.Module, mode: str, dtype: torch.dtype, device: torch.devic
     if fast:
         if dtype != torch.float32:
             model.to(dtype)
+        if dtype == torch.bfloat16 and device.type == "cpu":
+            fastmod.use_cpu_kernels(model)  # GELU and layer norm kernels with their backward, where they build
         if fastmod._has_spatial_convs(model):
             model.to(memory_format=torch.channels_last)
             model.memory_format_channels_last = True
@@ -656,10 +658,12 @@ def run(args) -> int:
           f"{r0.flops_per_step / 1e9:.1f} GFLOP per step; matmul peak {r0.peak_tflops:.2f} TFLOP/s "
           f"({r0.dtype}, measured now); median of {args.steps} steps")
     print(format_table(results))
-    if r0.mode == "infer" and r0.dtype == "bf16" and torch.device(args.device).type == "cpu" and not args.reference:
+    if r0.dtype == "bf16" and torch.device(args.device).type == "cpu" and not args.reference:
         from vitlab.models import cpu_kernels
         used = cpu_kernels.get() is not None
-        print("vitlab's CPU kernels (fused attention, layer norm, GELU, CvT's q/k/v projections): "
+        which = ("fused attention, layer norm, GELU, CvT's q/k/v projections" if r0.mode == "infer"
+                 else "GELU and layer norm, forward and backward")
+        print(f"vitlab's CPU kernels ({which}): "
               + ("in use" if used else f"not used ({cpu_kernels.unavailable_reason()})"))
     if r0.mode == "infer" and torch.device(args.device).type == "cpu" and not args.reference and not args.compile:
         from vitlab.models import fast

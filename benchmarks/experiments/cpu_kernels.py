@@ -12,11 +12,16 @@ Builds the kernels if needed (~25 s once; g++, ninja and an AMX CPU), then print
    oneDNN's three convs and the copies/concatenations that attach the class token, per stage;
 5. vitlab's ViT-S/16 and CvT-13 forward (batch 32, bf16, `optimize_for_inference`) with PyTorch's
    kernels and with vitlab's (`fast.use_cpu_kernels` on/off), alternating, medians of `--rounds`;
-   and CvT-13 with the projection kernel alone switched off.
+   and CvT-13 with the projection kernel alone switched off;
+6. the training kernels (GELU and layer norm, forward + backward) against PyTorch's at ViT-S/16's
+   and CvT-13's shapes, and the bf16 training step of both models with and without them.
+
+    python benchmarks/experiments/cpu_kernels.py --tables 6    # only some of the tables
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -166,11 +171,76 @@ def model_table(rounds: int) -> str:
     return "\n".join(rows)
 
 
+def training_table(ck, mod, rounds: int) -> str:
+    """Forward + backward of one GELU / layer norm (fresh leaves each round, so no gradient
+    accumulation is timed), PyTorch's against vitlab's kernels, then whole bf16 training steps."""
+    from torch import nn
+
+    rows = ["| forward + backward, bf16 | PyTorch (ms) | vitlab (ms) | median per-round ratio |", "|---|---|---|---|"]
+    g = torch.Generator().manual_seed(0)
+
+    def case(label, fns):
+        _, times = alternate(fns, rounds)
+        ratio = statistics.median([a / b for a, b in zip(times["torch"], times["vitlab"])])
+        rows.append(f"| {label} | {statistics.median(times['torch']) * 1e3:.2f} | "
+                    f"{statistics.median(times['vitlab']) * 1e3:.2f} | {ratio:.2f}x |")
+
+    for shape, where in (((32, 197, 1536), "ViT-S/16, CvT-13 stage 3"), ((32, 3136, 256), "CvT-13 stage 1")):
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        gy = torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+        def run(fn):
+            def f():
+                leaf = x.detach().requires_grad_(True)
+                fn(leaf).backward(gy)
+            return f
+        case(f"GELU {shape} ({where})", {"torch": run(F.gelu), "vitlab": run(ck.gelu)})
+    for shape, where in (((32, 197, 384), "ViT-S/16, CvT-13 stage 3"), ((32, 3136, 64), "CvT-13 stage 1"),
+                         ((32, 785, 192), "CvT-13 stage 2")):
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        gy = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        plain = nn.LayerNorm(shape[-1]).to(torch.bfloat16)
+        ours = ck.FastLayerNorm(shape[-1]).to(torch.bfloat16)
+
+        def run(ln):
+            def f():
+                leaf = x.detach().requires_grad_(True)
+                ln(leaf).backward(gy)
+            return f
+        case(f"layer norm {shape} ({where})", {"torch": run(plain), "vitlab": run(ours)})
+
+    from vitlab import bench
+    from vitlab.models import create_model, fast
+
+    rows += ["", "| bf16 training step (batch 32, fp32 masters) | without (ms) | with (ms) | median per-round ratio | "
+             "quartiles |", "|---|---|---|---|---|"]
+    x = torch.randn(32, 3, 224, 224)
+    y = torch.randint(0, 1000, (32,))
+    for name in ("vit_s16", "cvt_13"):
+        base = create_model(name)
+        steps = {}
+        for on in (False, True):
+            m = bench.prepare(copy.deepcopy(base), "train", torch.bfloat16,
+                              torch.device("cpu"), fast=True)
+            fast.use_cpu_kernels(m, on)
+            xm = x.contiguous(memory_format=torch.channels_last) if getattr(m, "memory_format_channels_last", False) else x
+            steps["on" if on else "off"] = bench.make_step(m, m, "train", xm, y, dtype=torch.bfloat16, fast=True,
+                                                           device=torch.device("cpu"), optimizer="foreach")
+        _, times = alternate(steps, max(3, min(rounds, 9)))
+        ratios = [a / b for a, b in zip(times["off"], times["on"])]
+        q = statistics.quantiles(ratios, n=4)
+        rows.append(f"| {name}: GELU + layer-norm kernels | {statistics.median(times['off']) * 1e3:.0f} | "
+                    f"{statistics.median(times['on']) * 1e3:.0f} | {statistics.median(ratios):.3f}x | {q[0]:.3f}-{q[2]:.3f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tables", default="1,2,3,4,5,6", help="which tables to print (comma-separated numbers)")
     args = ap.parse_args(argv)
+    which = {int(t) for t in args.tables.split(",")}
     torch.set_num_threads(args.threads)
     from vitlab.models import cpu_kernels as ck
 
@@ -179,11 +249,12 @@ def main(argv=None):
     if mod is None:
         raise SystemExit(f"vitlab's CPU kernels are not available here: {ck.unavailable_reason()}")
     print(f"kernels ready in {time.perf_counter() - t:.1f} s\n")
-    print(kernel_table(ck, mod, args.rounds), "\n", flush=True)
-    print(parts_table(ck, mod, args.rounds), "\n", flush=True)
-    print(gelu_table(ck, mod, args.rounds), "\n", flush=True)
-    print(projection_table(ck, mod, args.rounds), "\n", flush=True)
-    print(model_table(args.rounds), flush=True)
+    tables = {1: lambda: kernel_table(ck, mod, args.rounds), 2: lambda: parts_table(ck, mod, args.rounds),
+              3: lambda: gelu_table(ck, mod, args.rounds), 4: lambda: projection_table(ck, mod, args.rounds),
+              5: lambda: model_table(args.rounds), 6: lambda: training_table(ck, mod, args.rounds)}
+    for n, table in tables.items():
+        if n in which:
+            print(table(), "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,14 +44,20 @@ void configure_tiles() {
   _tile_loadconfig(&c);
 }
 
-// 2^t, t <= 0: degree-3 minimax polynomial on [-1/2, 1/2] (relative error 8e-5, 25x below
-// bf16's rounding) and vscalefps for the power of two
+// 2^t, t <= 0: a polynomial of 2^f on [-1/2, 1/2] (f = t - round(t)) and vscalefps for the power of
+// two. Degree 3 (relative error 8e-5, 25x below bf16's rounding) for the softmax; degree 5 (1.5e-7)
+// for GELU's backward, where Phi(x) + x phi(x) cancels near x = -0.75 and 8e-5 would show.
+template <int DEG>
 inline __m512 exp2_ps(__m512 t) {
-  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0550886838f), f, _mm512_set1_ps(0.242604051f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693276242f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999928940f));
+  static_assert(DEG == 3 || DEG == 5, "degree 3 or 5");
+  static constexpr float c3[] = {0.999928940f, 0.693276242f, 0.242604051f, 0.0550886838f};
+  static constexpr float c5[] = {1.00000007f, 0.693146949f, 0.240221218f, 0.0555074262f, 0.00967545975f, 0.00132669704f};
+  const float* c = DEG == 3 ? c3 : c5;
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(c[DEG]);
+#pragma GCC unroll 5
+  for (int i = DEG - 1; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -79,8 +85,8 @@ inline void softmax_group(const float* S, int64_t ldS, int64_t n, int64_t kp, bf
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const float* s = S + r * ldS + j;
-      __m512 e0 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s), vc, vcm[r]));
-      __m512 e1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vc, vcm[r]));
+      __m512 e0 = exp2_ps<3>(_mm512_fmsub_ps(_mm512_loadu_ps(s), vc, vcm[r]));
+      __m512 e1 = exp2_ps<3>(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vc, vcm[r]));
       vsum[r] = _mm512_add_ps(vsum[r], _mm512_add_ps(e0, e1));
       _mm512_storeu_si512(P + r * kp + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
     }
@@ -90,8 +96,8 @@ inline void softmax_group(const float* S, int64_t ldS, int64_t n, int64_t kp, bf
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const float* s = S + r * ldS + j;
-      __m512 e0 = _mm512_maskz_mov_ps(m0, exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m0, s), vc, vcm[r])));
-      __m512 e1 = m1 ? _mm512_maskz_mov_ps(m1, exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m1, s + 16), vc, vcm[r]))) : _mm512_setzero_ps();
+      __m512 e0 = _mm512_maskz_mov_ps(m0, exp2_ps<3>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m0, s), vc, vcm[r])));
+      __m512 e1 = m1 ? _mm512_maskz_mov_ps(m1, exp2_ps<3>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m1, s + 16), vc, vcm[r]))) : _mm512_setzero_ps();
       vsum[r] = _mm512_add_ps(vsum[r], _mm512_add_ps(e0, e1));
       _mm512_storeu_si512(P + r * kp + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
     }
@@ -262,7 +268,8 @@ inline void st(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, 
 // are independent, so interleaving them hides the horizontal reductions' latency, which dominates
 // short rows (CvT's 64-wide stage 1 rows: one row at a time spends most of its time waiting)
 template <int R>
-inline void layer_norm_rows(const bf16* xr, bf16* orow, int64_t D, const bf16* wp, const bf16* bp, float eps) {
+inline void layer_norm_rows(const bf16* xr, bf16* orow, int64_t D, const bf16* wp, const bf16* bp, float eps,
+                            float* mean = nullptr, float* rs = nullptr) {
   __m512 s[R], q[R], vm[R], rstd[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) { s[r] = _mm512_setzero_ps(); q[r] = _mm512_setzero_ps(); }
@@ -283,6 +290,8 @@ inline void layer_norm_rows(const bf16* xr, bf16* orow, int64_t D, const bf16* w
   }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) rstd[r] = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(q[r]) / D + eps));
+  if (mean != nullptr)  // the statistics the backward needs (training)
+    for (int r = 0; r < R; ++r) { mean[r] = _mm512_cvtss_f32(vm[r]); rs[r] = _mm512_cvtss_f32(rstd[r]); }
   for (int64_t j = 0; j < D; j += 16) {
     const __mmask16 m = first(D - j);
     const __m512 wv = ld(wp + j, m), bv = ld(bp + j, m);
@@ -294,20 +303,104 @@ inline void layer_norm_rows(const bf16* xr, bf16* orow, int64_t D, const bf16* w
   }
 }
 
-torch::Tensor layer_norm_bf16(torch::Tensor x, torch::Tensor w, torch::Tensor b, double eps) {
+// Layer norm of the last dim. with_stats: also the per-row mean and 1/std (float32, shaped like x
+// without its last dim) that layer_norm_backward_bf16 takes (training).
+std::vector<torch::Tensor> layer_norm_stats_bf16(torch::Tensor x, torch::Tensor w, torch::Tensor b, double eps, bool with_stats) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16, "bf16 x, weight, bias expected");
   TORCH_CHECK(w.is_contiguous() && b.is_contiguous() && w.numel() == x.size(-1) && b.numel() == x.size(-1), "weight and bias must match the last dim");
   const int64_t D = x.size(-1), R = x.numel() / D;
   auto xc = x.contiguous();
   auto out = torch::empty_like(xc);
+  auto opt = x.options().dtype(at::kFloat);
+  auto mean = with_stats ? torch::empty({R}, opt) : torch::Tensor(), rstd = with_stats ? torch::empty({R}, opt) : torch::Tensor();
+  float* mp = with_stats ? mean.data_ptr<float>() : nullptr; float* rp = with_stats ? rstd.data_ptr<float>() : nullptr;
   const bf16* xp = xc.data_ptr<bf16>(); bf16* op = out.data_ptr<bf16>();
   const bf16* wp = w.data_ptr<bf16>(); const bf16* bp = b.data_ptr<bf16>();
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
-    for (; r + 4 <= r1; r += 4) layer_norm_rows<4>(xp + r * D, op + r * D, D, wp, bp, (float)eps);
-    for (; r < r1; ++r) layer_norm_rows<1>(xp + r * D, op + r * D, D, wp, bp, (float)eps);
+    for (; r + 4 <= r1; r += 4) layer_norm_rows<4>(xp + r * D, op + r * D, D, wp, bp, (float)eps, mp ? mp + r : nullptr, rp ? rp + r : nullptr);
+    for (; r < r1; ++r) layer_norm_rows<1>(xp + r * D, op + r * D, D, wp, bp, (float)eps, mp ? mp + r : nullptr, rp ? rp + r : nullptr);
   });
-  return out;
+  if (!with_stats) return {out};
+  auto sizes = x.sizes().vec(); sizes.pop_back();
+  return {out, mean.view(sizes), rstd.view(sizes)};
+}
+
+torch::Tensor layer_norm_bf16(torch::Tensor x, torch::Tensor w, torch::Tensor b, double eps) {
+  return layer_norm_stats_bf16(x, w, b, eps, false)[0];
+}
+
+namespace {
+// R rows of the layer norm's backward: with xh = (x - mean) rstd and gw = g w,
+// dx = rstd (gw - mean(gw) - xh mean(gw xh)); the rows' g xh and g are added to dw, db (float32).
+// Two passes over L1-resident rows; R rows at once for the same reason as the forward.
+template <int R>
+inline void layer_norm_backward_rows(const bf16* gr, const bf16* xr, bf16* dxr, int64_t D, const bf16* wp,
+                                     const float* mean, const float* rs, float* dw, float* db) {
+  __m512 vm[R], vr[R], s1[R], s2[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) { vm[r] = _mm512_set1_ps(mean[r]); vr[r] = _mm512_set1_ps(rs[r]); s1[r] = _mm512_setzero_ps(); s2[r] = _mm512_setzero_ps(); }
+  for (int64_t j = 0; j < D; j += 16) {
+    const __mmask16 m = first(D - j);
+    const __m512 wv = ld(wp + j, m);
+    __m512 dwv = _mm512_maskz_loadu_ps(m, dw + j), dbv = _mm512_maskz_loadu_ps(m, db + j);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 g = ld(gr + r * D + j, m);
+      const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(ld(xr + r * D + j, m), vm[r]), vr[r]);
+      const __m512 gw = _mm512_mul_ps(g, wv);
+      s1[r] = _mm512_add_ps(s1[r], gw);
+      s2[r] = _mm512_fmadd_ps(gw, xh, s2[r]);
+      dwv = _mm512_fmadd_ps(g, xh, dwv);
+      dbv = _mm512_add_ps(dbv, g);
+    }
+    _mm512_mask_storeu_ps(dw + j, m, dwv); _mm512_mask_storeu_ps(db + j, m, dbv);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) { s1[r] = _mm512_set1_ps(_mm512_reduce_add_ps(s1[r]) / D); s2[r] = _mm512_set1_ps(_mm512_reduce_add_ps(s2[r]) / D); }
+  for (int64_t j = 0; j < D; j += 16) {
+    const __mmask16 m = first(D - j);
+    const __m512 wv = ld(wp + j, m);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(ld(xr + r * D + j, m), vm[r]), vr[r]);
+      const __m512 gw = _mm512_mul_ps(ld(gr + r * D + j, m), wv);
+      st(dxr + r * D + j, _mm512_mul_ps(vr[r], _mm512_sub_ps(_mm512_sub_ps(gw, s1[r]), _mm512_mul_ps(xh, s2[r]))), m);
+    }
+  }
+}
+}  // namespace
+
+// Backward of layer_norm_stats_bf16: returns [dx (bf16), dw, db (float32)]. The rows are split in a
+// fixed number of chunks whose dw / db partial sums are added in chunk order, so the result does not
+// depend on the thread count or on scheduling (bit-exact resume of training).
+std::vector<torch::Tensor> layer_norm_backward_bf16(torch::Tensor g, torch::Tensor x, torch::Tensor mean, torch::Tensor rstd, torch::Tensor w) {
+  TORCH_CHECK(g.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 grad, x, weight expected");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat, "float32 mean and rstd expected");
+  TORCH_CHECK(g.sizes() == x.sizes() && w.is_contiguous() && w.numel() == x.size(-1), "grad like x and a weight matching its last dim expected");
+  const int64_t D = x.size(-1), R = x.numel() / D;
+  TORCH_CHECK(mean.numel() == R && rstd.numel() == R, "one mean and rstd per row expected");
+  auto gc = g.contiguous(), xc = x.contiguous(), mc = mean.contiguous(), rc = rstd.contiguous();
+  auto dx = torch::empty_like(xc);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, R / 64)), per = (R + chunks - 1) / chunks;
+  auto part = torch::zeros({chunks, 2, D}, x.options().dtype(at::kFloat));
+  const bf16* gp = gc.data_ptr<bf16>(); const bf16* xp = xc.data_ptr<bf16>(); const bf16* wp = w.data_ptr<bf16>();
+  const float* mp = mc.data_ptr<float>(); const float* rp = rc.data_ptr<float>();
+  bf16* dp = dx.data_ptr<bf16>(); float* pp = part.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      float* dw = pp + c * 2 * D; float* db = dw + D;
+      const int64_t r1 = std::min(R, (c + 1) * per);
+      int64_t r = c * per;
+      for (; r + 4 <= r1; r += 4) layer_norm_backward_rows<4>(gp + r * D, xp + r * D, dp + r * D, D, wp, mp + r, rp + r, dw, db);
+      for (; r < r1; ++r) layer_norm_backward_rows<1>(gp + r * D, xp + r * D, dp + r * D, D, wp, mp + r, rp + r, dw, db);
+    }
+  });
+  auto sums = torch::zeros({2, D}, part.options());
+  float* sp = sums.data_ptr<float>();
+  for (int64_t c = 0; c < chunks; ++c)  // in chunk order
+    for (int64_t j = 0; j < 2 * D; ++j) sp[j] += pp[c * 2 * D + j];
+  return {dx, sums[0], sums[1]};
 }
 
 // GELU(x) = x Phi(x) in place on bf16, with Phi from a piecewise cubic on 32 intervals of [-6, 4)
@@ -316,38 +409,92 @@ torch::Tensor layer_norm_bf16(torch::Tensor x, torch::Tensor w, torch::Tensor b,
 // 32-entry tables held in registers (vpermt2ps), so a vector costs ~10 arithmetic operations
 // instead of PyTorch's erf (an exponential and a long polynomial). Outside [-6, 4) Phi is taken
 // at the upper end (Phi(4) = 1 - 3e-5: x itself after bf16 rounding) and GELU is 0 below -6 (|GELU| < 6e-9 there).
-void gelu_bf16_(torch::Tensor x, torch::Tensor coefs) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "a contiguous bf16 tensor expected");
-  TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.is_contiguous() && coefs.numel() == 128, "(32, 4) float32 coefficients expected");
-  const float* cf = coefs.data_ptr<float>();
-  float tab[4][32];
-  for (int i = 0; i < 32; ++i) for (int j = 0; j < 4; ++j) tab[j][i] = cf[i * 4 + j];
+namespace {
+struct PhiTable {  // Phi's 32 intervals x 4 coefficients as 32-entry register tables (c[j][0..1]: c_j)
   __m512 c[4][2];
-  for (int j = 0; j < 4; ++j) { c[j][0] = _mm512_loadu_ps(tab[j]); c[j][1] = _mm512_loadu_ps(tab[j] + 16); }
-  bf16* p = x.data_ptr<bf16>();
-  const int64_t n = x.numel();
+  explicit PhiTable(const torch::Tensor& coefs) {
+    TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.is_contiguous() && coefs.numel() == 128, "(32, 4) float32 coefficients expected");
+    const float* cf = coefs.data_ptr<float>();
+    float tab[4][32];
+    for (int i = 0; i < 32; ++i) for (int j = 0; j < 4; ++j) tab[j][i] = cf[i * 4 + j];
+    for (int j = 0; j < 4; ++j) { c[j][0] = _mm512_loadu_ps(tab[j]); c[j][1] = _mm512_loadu_ps(tab[j] + 16); }
+  }
+  // Phi(x) with x clamped to [-6, 4) (not masked below -6: the callers do)
+  inline __m512 operator()(__m512 xv) const {
+    const __m512 t = _mm512_fmadd_ps(_mm512_min_ps(_mm512_max_ps(xv, _mm512_set1_ps(-6.0f)), _mm512_set1_ps(3.99999f)),
+                                     _mm512_set1_ps(3.2f), _mm512_set1_ps(19.2f));  // in [0, 32)
+    const __m512i k = _mm512_cvttps_epi32(t);
+    const __m512 u = _mm512_sub_ps(t, _mm512_cvtepi32_ps(k));
+    __m512 q = _mm512_permutex2var_ps(c[3][0], k, c[3][1]);
+    q = _mm512_fmadd_ps(q, u, _mm512_permutex2var_ps(c[2][0], k, c[2][1]));
+    q = _mm512_fmadd_ps(q, u, _mm512_permutex2var_ps(c[1][0], k, c[1][1]));
+    return _mm512_fmadd_ps(q, u, _mm512_permutex2var_ps(c[0][0], k, c[0][1]));
+  }
+};
+
+inline void st32(bf16* p, __m512 y0, __m512 y1, __mmask16 m0, __mmask16 m1) {
+  const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(y1, y0);
+  if (m1 == 0xFFFF) _mm512_storeu_si512(p, packed);
+  else _mm512_mask_storeu_epi16(p, ((__mmask32)m1 << 16) | m0, packed);
+}
+
+// dst[i..i+15] = f(i, mask of the valid lanes) over n elements, 32 per step (two 16-lane halves,
+// one 64-byte store), in parallel: the loop of the element-wise kernels below
+template <class F>
+void map_bf16(bf16* dst, int64_t n, F f) {
   at::parallel_for(0, (n + 31) / 32, 2048, [&](int64_t b0, int64_t b1) {
-    const __m512 lo = _mm512_set1_ps(-6.0f), hi = _mm512_set1_ps(3.99999f), sc = _mm512_set1_ps(3.2f), of = _mm512_set1_ps(19.2f);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i = blk * 32;
       const __mmask16 m0 = first(n - i), m1 = first(n - i - 16);
-      __m512 y[2];
-      for (int h = 0; h < 2; ++h) {
-        const __m512 xv = ld(p + i + 16 * h, h ? m1 : m0);
-        const __m512 t = _mm512_fmadd_ps(_mm512_min_ps(_mm512_max_ps(xv, lo), hi), sc, of);  // in [0, 32)
-        const __m512i k = _mm512_cvttps_epi32(t);
-        const __m512 u = _mm512_sub_ps(t, _mm512_cvtepi32_ps(k));
-        __m512 q = _mm512_permutex2var_ps(c[3][0], k, c[3][1]);
-        q = _mm512_fmadd_ps(q, u, _mm512_permutex2var_ps(c[2][0], k, c[2][1]));
-        q = _mm512_fmadd_ps(q, u, _mm512_permutex2var_ps(c[1][0], k, c[1][1]));
-        q = _mm512_fmadd_ps(q, u, _mm512_permutex2var_ps(c[0][0], k, c[0][1]));
-        y[h] = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(xv, lo, _CMP_NLT_UQ), xv, q);  // 0 below -6 (|GELU| < 6e-9); NaN stays NaN
-      }
-      const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(y[1], y[0]);
-      if (m1 == 0xFFFF) _mm512_storeu_si512(p + i, packed);
-      else _mm512_mask_storeu_epi16(p + i, ((__mmask32)m1 << 16) | m0, packed);
+      const __m512 y0 = f(i, m0), y1 = f(i + 16, m1);
+      st32(dst + i, y0, y1, m0, m1);
     }
   });
+}
+
+// dst = GELU(src), n elements (dst may be src)
+void gelu_run(const bf16* src, bf16* dst, int64_t n, const PhiTable& phi) {
+  map_bf16(dst, n, [&](int64_t i, __mmask16 m) {
+    const __m512 xv = ld(src + i, m);
+    // 0 below -6 (|GELU| < 6e-9); NaN stays NaN
+    return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(xv, _mm512_set1_ps(-6.0f), _CMP_NLT_UQ), xv, phi(xv));
+  });
+}
+}  // namespace
+
+void gelu_bf16_(torch::Tensor x, torch::Tensor coefs) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "a contiguous bf16 tensor expected");
+  const PhiTable phi(coefs);
+  gelu_run(x.data_ptr<bf16>(), x.data_ptr<bf16>(), x.numel(), phi);
+}
+
+// out-of-place GELU (training keeps its input for the backward)
+torch::Tensor gelu_bf16(torch::Tensor x, torch::Tensor coefs) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "a bf16 tensor expected");
+  const PhiTable phi(coefs);
+  auto xc = x.contiguous();
+  auto y = torch::empty_like(xc);
+  gelu_run(xc.data_ptr<bf16>(), y.data_ptr<bf16>(), xc.numel(), phi);
+  return y;
+}
+
+// GELU's backward: dx = g GELU'(x), GELU'(x) = Phi(x) + x phi(x), with Phi from the same cubic table
+// (0 below -6) and the density phi(x) = exp(-x^2 / 2) / sqrt(2 pi) from exp2_ps<5> (|error of GELU'| < 4e-6);
+// float32 arithmetic, one bf16 rounding, as PyTorch's kernel
+torch::Tensor gelu_backward_bf16(torch::Tensor g, torch::Tensor x, torch::Tensor coefs) {
+  TORCH_CHECK(g.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && g.sizes() == x.sizes(), "bf16 grad and input of one shape expected");
+  const PhiTable phi(coefs);
+  auto gc = g.contiguous(), xc = x.contiguous();
+  auto dx = torch::empty_like(xc);
+  const bf16* gp = gc.data_ptr<bf16>(); const bf16* xp = xc.data_ptr<bf16>(); bf16* dp = dx.data_ptr<bf16>();
+  map_bf16(dp, xc.numel(), [&](int64_t i, __mmask16 m) {
+    const __m512 xv = ld(xp + i, m);
+    const __m512 cdf = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(xv, _mm512_set1_ps(-6.0f), _CMP_NLT_UQ), phi(xv));
+    const __m512 pdf = _mm512_mul_ps(exp2_ps<5>(_mm512_mul_ps(_mm512_mul_ps(xv, xv), _mm512_set1_ps(-0.72134752044448170f))),
+                                     _mm512_set1_ps(0.39894228040143268f));  // exp(-x^2 / 2) / sqrt(2 pi)
+    return _mm512_mul_ps(ld(gp + i, m), _mm512_fmadd_ps(xv, pdf, cdf));
+  });
+  return dx;
 }
 
 // CvT's convolutional projections (inference, BatchNorm folded into the conv): the three 3x3
@@ -514,6 +661,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bf16", &attention_bf16, nogil);
   m.def("layer_norm_bf16", &layer_norm_bf16, nogil);
   m.def("gelu_bf16_", &gelu_bf16_, nogil);
+  m.def("gelu_bf16", &gelu_bf16, nogil);
+  m.def("gelu_backward_bf16", &gelu_backward_bf16, nogil);
+  m.def("layer_norm_stats_bf16", &layer_norm_stats_bf16, nogil);
+  m.def("layer_norm_backward_bf16", &layer_norm_backward_bf16, nogil);
   m.def("dwconv_qkv_bf16", &dwconv_qkv_bf16, nogil);
   m.def("available", &available);
 }

@@ -240,6 +240,20 @@ def gelu_kernel_ok(act: nn.Module, h: torch.Tensor) -> bool:
             and ck.get() is not None and ck.gelu_ok(h))
 
 
+def gelu_train_kernel_ok(act: nn.Module, h: torch.Tensor) -> bool:
+    """vitlab's differentiable GELU kernels apply to `act(h)` (training; see `cpu_kernels.gelu`)."""
+    from vitlab.models import cpu_kernels as ck
+
+    return type(act) is nn.GELU and act.approximate == "none" and _STATE["enabled"] and ck.gelu_train_ok(h)
+
+
+def gelu_kernel(h: torch.Tensor) -> torch.Tensor:
+    """Exact GELU of `h` by vitlab's CPU kernels, with autograd (see `gelu_train_kernel_ok`)."""
+    from vitlab.models import cpu_kernels as ck
+
+    return ck.gelu(h)
+
+
 def gelu_kernel_(h: torch.Tensor) -> torch.Tensor:
     """Exact GELU of `h` in place by vitlab's CPU kernel (see `gelu_kernel_ok`)."""
     from vitlab.models import cpu_kernels as ck

@@ -230,6 +230,8 @@ class Mlp(nn.Module):
         h = fast.linear(x, self.fc1)
         if self.cpu_kernel and fast.gelu_kernel_ok(self.act, h):
             x = self.drop(fast.gelu_kernel_(h))
+        elif self.cpu_kernel and fast.gelu_train_kernel_ok(self.act, h):  # training: kernels with autograd
+            x = self.drop(fast.gelu_kernel(h))
         elif (type(self.act) is nn.GELU and fast.fast_paths_enabled()
                 and not (torch.is_grad_enabled() and h.requires_grad)):
             # inference: GELU in place, one (tokens x 4D) buffer fewer per block (fewer fresh

@@ -301,6 +301,12 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     device = info.device
     amp_dtype = cfg.amp_dtype(device.type)
     raw = model.to(device)
+    if device.type == "cpu" and amp_dtype == torch.bfloat16:
+        from ..models import fast
+
+        # vitlab's CPU kernels where they build: GELU (forward and backward) on the bf16 activations
+        # autocast produces, layer norms with bf16 weights, fused attention in evaluation
+        fast.use_cpu_kernels(raw)
     # Rank streams differ (dropout, augmentation); the model's initial weights do not.
     if info.rank:
         torch.manual_seed(cfg.seed + info.rank)
