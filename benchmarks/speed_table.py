@@ -536,8 +536,8 @@ def main(argv=None) -> int:
              f"in row blocks, vitlab's CPU kernels on AMX CPUs (attention, else SDPA; layer norm; GELU; CvT's norm1 + depthwise q/k/v projections), BN folding, "
              f"inference streams (the batch in one part per core: `fast.auto_inference_streams`), "
              f"channels-last for conv models), the last block computing "
-             f"only the class token the head reads, and bf16 training with float32 master weights and "
-             f"fused AdamW. Peers: float32 weights under bf16 autocast, SDPA attention (transformers' ViT; its "
+             f"only the class token the head reads, and bf16 training with float32 master weights, "
+             f"vitlab's GELU and layer-norm kernels with their backward, and fused AdamW. Peers: float32 weights under bf16 autocast, SDPA attention (transformers' ViT; its "
              f"CvT has no SDPA path), fused AdamW, channels-last for ConvMixer.")
     gpu = ("| model | step | vitlab | timm (compiled) | transformers | % of bf16 matmul peak |\n|---|---|---|---|---|---|\n"
            "| ViT-B/16 | train, bf16, 224 px | not yet measured | not yet measured | not yet measured | "
