@@ -19,8 +19,9 @@ What one run measures:
 "Fast" is vitlab as shipped: bf16 weights cast once (`optimize_for_inference`), the fused
 linear/attention paths of `vitlab.models.fast`, vitlab's CPU kernels, inference streams on
 CPUs with 2-4 cores (the batch in one part per core), bf16 training with float32 master weights,
-vitlab's GELU and layer-norm kernels (with their backward) and fused AdamW. `--reference` measures the "before": float32 weights under bf16 autocast,
-plain PyTorch kernels, AdamW's default (foreach) update. The peer gets the usual options of
+vitlab's GELU and layer-norm kernels (with their backward) and fused AdamW. `--reference`
+measures the "before": float32 weights under bf16 autocast, plain PyTorch kernels, AdamW's
+default (foreach) update. The peer gets the usual options of
 its library: float32 weights under bf16 autocast, SDPA attention where it has it, fused AdamW.
 """
 from __future__ import annotations

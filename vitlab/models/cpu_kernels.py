@@ -1,5 +1,5 @@
 """vitlab's own CPU kernels (fused attention, layer norm, GELU, CvT's depthwise q/k/v projections)
-for bf16 inference on AMX CPUs.
+for bf16 inference on AMX CPUs, and GELU and layer norm with their backward for bf16 training.
 
 Built from `vitlab/csrc/cpu_kernels.cpp` with `torch.utils.cpp_extension` the first time
 `fast.optimize_for_inference` prepares a bf16 model on such a CPU (about 25 s, once, with a
@@ -168,9 +168,10 @@ def gelu_train_ok(x: torch.Tensor) -> bool:
 
 class _Gelu(torch.autograd.Function):
     """Exact GELU with autograd: the kernel's forward out of place (the input is kept for the
-    backward) and GELU'(x) = Phi(x) + x phi(x) by the backward kernel. Measured at CvT-13's and
-    ViT-S/16's MLP shapes in bf16 training: several times faster than PyTorch's GELU pair,
-    whose erf and exp dominate (docs/speed.md)."""
+    backward) and GELU'(x) = Phi(x) + x phi(x) by the backward kernel. Forward + backward at
+    ViT-S/16's and CvT-13's MLP shapes in bf16: 1.2-1.5x PyTorch's pair, whose erf and exp
+    dominate; at CvT stage 1 the fresh output buffers' page faults are most of what is left
+    (docs/speed.md)."""
 
     @staticmethod
     def forward(ctx, x):

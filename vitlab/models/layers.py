@@ -210,7 +210,8 @@ class Mlp(nn.Module):
     (row blocks, GELU in oneDNN's epilogue). On for CvT, where it was measured faster (stage 1:
     41 vs 63 ms per call); off for ViT, where the speed table measured it 0.86-0.96x at ViT-B/16.
     `cpu_kernel` (set by `fast.use_cpu_kernels`): the GELU runs as vitlab's CPU kernel, in place
-    (after ViT-S/16's fc1: 1.6-2.2 ms against 2.2-2.9 for PyTorch's GELU; docs/speed.md)."""
+    (after ViT-S/16's fc1: 1.6-2.2 ms against 2.2-2.9 for PyTorch's GELU; docs/speed.md), and in
+    bf16 training as its differentiable version (`cpu_kernels.gelu`)."""
 
     def __init__(self, dim: int, hidden: int, act: type[nn.Module] = nn.GELU, drop: float = 0.0,
                  fused_inference: bool = False):
