@@ -34,6 +34,7 @@ import vitlab
 from vitlab import bench
 from vitlab.models import convmixer as convmixer_mod
 from vitlab.models import fast
+from vitlab.models.layers import Attention
 
 ROWS = [("ViT-S/16", "vit_s16"), ("ViT-B/16", "vit_b16"), ("CvT-13", "cvt_13"), ("ConvMixer-768/32", "convmixer_768_32")]
 TARGETS = {("vit_s16", "infer"): 2.0, ("vit_s16", "train"): 1.5, ("cvt_13", "infer"): 2.0, ("cvt_13", "train"): 1.5}
@@ -377,7 +378,7 @@ def fast_path_table(args) -> str:
          "fp32 weights + autocast, foreach AdamW", r["ac"], "bf16 + fp32 masters, fused AdamW", r["bf"], B)
     del ac_model, ac_opt, bf_model, bf_opt
 
-    # vitlab's GELU and layer-norm kernels with their backward, in CvT-13's bf16 training step
+    # vitlab's CPU kernels with their backward (attention, GELU, layer norm), in CvT-13's bf16 training step
     cvt = vitlab.create_model("cvt_13")
     kernel_steps = {}
     for on in (False, True):
@@ -387,10 +388,27 @@ def fast_path_table(args) -> str:
         kernel_steps["on" if on else "off"] = bench.make_step(m, m, "train", xm, y, dtype=torch.bfloat16, fast=True,
                                                               device=torch.device("cpu"), optimizer="foreach")
     r = _alternate(kernel_steps, args.train_steps)
-    _row(lines, "vitlab's GELU and layer-norm kernels with their backward (training)", "CvT-13 train step",
-         "PyTorch's GELU / layer norm", r["off"], "vitlab kernels", r["on"], B,
-         "bf16 + fp32 masters in both; GELU' from the same cubic table + exp; dw, db summed in a fixed order")
+    _row(lines, "vitlab's attention, GELU and layer-norm kernels with their backward (training)", "CvT-13 train step",
+         "PyTorch's attention (explicit products / SDPA), GELU, layer norm", r["off"], "vitlab kernels", r["on"], B,
+         "bf16 + fp32 masters in both; attention backward flash-style; GELU' from the same cubic table + exp; "
+         "dw, db summed in a fixed order")
     del cvt, kernel_steps
+
+    # the attention kernel alone, in ViT-S/16's bf16 training step (GELU and layer-norm kernels in both)
+    attn_steps = {}
+    for on in (False, True):
+        m = bench.prepare(copy.deepcopy(base), "train", torch.bfloat16, torch.device("cpu"), fast=True)
+        fast.use_cpu_kernels(m, None)
+        for mod in m.modules():
+            if isinstance(mod, Attention):
+                mod.cpu_kernel = mod.cpu_kernel and on
+        attn_steps["on" if on else "off"] = bench.make_step(m, m, "train", x, y, dtype=torch.bfloat16, fast=True,
+                                                            device=torch.device("cpu"), optimizer="foreach")
+    r = _alternate(attn_steps, args.train_steps)
+    _row(lines, "vitlab's attention kernel with its backward (training)", "ViT-S/16 train step",
+         "explicit bf16 products (PyTorch autograd)", r["off"], "vitlab kernel (qkv read and its gradient written in place)",
+         r["on"], B, "GELU and layer-norm kernels in both")
+    del attn_steps
 
     params = [p.detach().clone().requires_grad_(True) for p in base.parameters()]
     for p in params:
@@ -537,7 +555,7 @@ def main(argv=None) -> int:
              f"inference streams (the batch in one part per core: `fast.auto_inference_streams`), "
              f"channels-last for conv models), the last block computing "
              f"only the class token the head reads, and bf16 training with float32 master weights, "
-             f"vitlab's GELU and layer-norm kernels with their backward, and fused AdamW. Peers: float32 weights under bf16 autocast, SDPA attention (transformers' ViT; its "
+             f"vitlab's attention, GELU and layer-norm kernels with their backward, and fused AdamW. Peers: float32 weights under bf16 autocast, SDPA attention (transformers' ViT; its "
              f"CvT has no SDPA path), fused AdamW, channels-last for ConvMixer.")
     gpu = ("| model | step | vitlab | timm (compiled) | transformers | % of bf16 matmul peak |\n|---|---|---|---|---|---|\n"
            "| ViT-B/16 | train, bf16, 224 px | not yet measured | not yet measured | not yet measured | "

@@ -57,3 +57,20 @@ def mod():
     if m is None:
         pytest.skip(f"vitlab's CPU kernels are not available here: {cpu_kernels.unavailable_reason()}")
     return m
+
+
+def _grad_fn_names(t: torch.Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return {type(fn).__name__ for fn in seen}
+
+
+@pytest.fixture(scope="session")
+def grad_fn_names():
+    """grad_fn_names(t): the type names of every autograd node behind tensor t (which backward kernels it will run)."""
+    return _grad_fn_names

@@ -144,19 +144,8 @@ def test_layer_norm_kernel_refuses_a_second_derivative(mod):
         gx.sum().backward()
 
 
-def _grad_fn_names(t):
-    seen, todo = set(), [t.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        todo.extend(nxt for nxt, _ in fn.next_functions)
-    return {type(fn).__name__ for fn in seen}
-
-
 @pytest.mark.parametrize("name", ["vit_ti16", "cvt_tiny"])
-def test_bf16_training_step_with_the_kernels_follows_pytorchs(mod, name):
+def test_bf16_training_step_with_the_kernels_follows_pytorchs(mod, name, grad_fn_names):
     torch.manual_seed(0)
     base = create_model(name, num_classes=5, img_size=64).train().to(torch.bfloat16)
     with_k, without = copy.deepcopy(base), copy.deepcopy(base)
@@ -166,7 +155,7 @@ def test_bf16_training_step_with_the_kernels_follows_pytorchs(mod, name):
     losses, grads = [], []
     for m in (with_k, without):
         loss = F.cross_entropy(m(x).float(), y)
-        names = _grad_fn_names(loss)
+        names = grad_fn_names(loss)
         assert (("_GeluBackward" in names and "_LayerNormBackward" in names) == (m is with_k))
         loss.backward()
         losses.append(loss.item())
@@ -194,12 +183,15 @@ def test_bf16_training_with_the_kernels_resumes_bit_for_bit(mod, tmp_path, monke
     from vitlab.train.engine import fit
 
     calls = []
-    real = cpu_kernels._Gelu.forward
-    monkeypatch.setattr(cpu_kernels._Gelu, "forward", staticmethod(lambda ctx, x: calls.append(1) or real(ctx, x)))
+    gelu, attention = cpu_kernels._Gelu.forward, cpu_kernels._QKVAttention.forward
+    monkeypatch.setattr(cpu_kernels._Gelu, "forward", staticmethod(lambda ctx, x: calls.append("gelu") or gelu(ctx, x)))
+    monkeypatch.setattr(cpu_kernels._QKVAttention, "forward",
+                        staticmethod(lambda ctx, *a: calls.append("attention") or attention(ctx, *a)))
+    # head dim 32: the attention kernel applies too
     base = dict(out=str(tmp_path), epochs=2, batch_size=64, lr=3e-3, threads=1, tensorboard=False, progress=False,
-                precision="bf16", dropout=0.1, model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2})
+                precision="bf16", dropout=0.1, model_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2})
     full = fit(TrainConfig(name="full", **base), verbose=False)
-    assert calls  # the trainer's bf16 CPU steps ran vitlab's GELU kernels
+    assert set(calls) == {"gelu", "attention"}  # the trainer's bf16 CPU steps ran vitlab's kernels
     part = fit(TrainConfig(name="part", max_steps=30, **base), verbose=False)
     rest = fit(TrainConfig(resume=str(part.run_dir)), verbose=False)
     a, b = (load_file(str(ckpt.resolve_checkpoint(r.run_dir)["weights"])) for r in (full, rest))

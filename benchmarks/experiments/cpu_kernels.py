@@ -2,7 +2,7 @@
 
     python benchmarks/experiments/cpu_kernels.py [--rounds 30]
 
-Builds the kernels if needed (~25 s once; g++, ninja and an AMX CPU), then prints five tables:
+Builds the kernels if needed (~25 s once; g++, ninja and an AMX CPU), then prints seven tables:
 1. the fused attention alone against `F.scaled_dot_product_attention` at ViT-S/16, ViT-B/16 and
    CvT-13 shapes (batch 32, bf16), alternating call by call, with each one's error against float32;
 2. what each part of the fused attention costs at ViT-S/16's shape (by skipping it: `parts`);
@@ -14,7 +14,11 @@ Builds the kernels if needed (~25 s once; g++, ninja and an AMX CPU), then print
    kernels and with vitlab's (`fast.use_cpu_kernels` on/off), alternating, medians of `--rounds`;
    and CvT-13 with the projection kernel alone switched off;
 6. the training kernels (GELU and layer norm, forward + backward) against PyTorch's at ViT-S/16's
-   and CvT-13's shapes, and the bf16 training step of both models with and without them.
+   and CvT-13's shapes, and the bf16 training step of both models with and without vitlab's kernels
+   (attention, GELU, layer norm);
+7. the attention with its backward (forward + backward, from q, k, v laid out as the models make
+   them) against explicit bf16 products with autograd and against SDPA, at the five shapes of table 1,
+   with each one's relative error in dq, dk, dv against float64.
 
     python benchmarks/experiments/cpu_kernels.py --tables 6    # only some of the tables
 """
@@ -229,8 +233,47 @@ def training_table(ck, mod, rounds: int) -> str:
         _, times = alternate(steps, max(3, min(rounds, 9)))
         ratios = [a / b for a, b in zip(times["off"], times["on"])]
         q = statistics.quantiles(ratios, n=4)
-        rows.append(f"| {name}: GELU + layer-norm kernels | {statistics.median(times['off']) * 1e3:.0f} | "
+        rows.append(f"| {name}: vitlab's training kernels | {statistics.median(times['off']) * 1e3:.0f} | "
                     f"{statistics.median(times['on']) * 1e3:.0f} | {statistics.median(ratios):.3f}x | {q[0]:.3f}-{q[2]:.3f} |")
+    return "\n".join(rows)
+
+
+def attention_training_table(ck, rounds: int) -> str:
+    """Attention forward + backward: vitlab's kernel pair against PyTorch's explicit products and SDPA."""
+    from vitlab.models import fast
+
+    rows = ["| shape (B, H, Nq, Nk, d) | where | explicit (ms) | SDPA (ms) | vitlab (ms) | explicit / vitlab | "
+            "SDPA / vitlab | rel. err dq, dk, dv vs fp64 (vitlab / explicit) |", "|---|---|---|---|---|---|---|---|"]
+    g = torch.Generator().manual_seed(0)
+    for B, H, Nq, N, d, where in [(32, 6, 197, 197, 64, "ViT-S/16"), (32, 12, 197, 197, 64, "ViT-B/16"),
+                                  (32, 1, 3136, 784, 64, "CvT-13 stage 1"), (32, 3, 784, 196, 64, "CvT-13 stage 2"),
+                                  (32, 6, 197, 50, 64, "CvT-13 stage 3")]:
+        q = torch.randn(B, Nq, H, d, generator=g).to(torch.bfloat16).transpose(1, 2)
+        k, v = [torch.randn(B, N, H, d, generator=g).to(torch.bfloat16).transpose(1, 2) for _ in range(2)]
+        gy = torch.randn(B, H, Nq, d, generator=g).to(torch.bfloat16)
+        fns = {"explicit": lambda a, b, c: fast.attention_reference(a, b, c, d ** -0.5)[0],
+               "sdpa": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, scale=d ** -0.5),
+               "vitlab": lambda a, b, c: ck.attention_train(a, b, c, d ** -0.5)}
+
+        def run(fn, keep=None):
+            def f():
+                leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+                fn(*leaves).backward(gy)
+                if keep is not None:
+                    keep[:] = [t.grad for t in leaves]
+            return f
+        grads = {}
+        for name in ("explicit", "vitlab"):
+            grads[name] = []
+            run(fns[name], grads[name])()
+        leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+        fast.attention_reference(*leaves, d ** -0.5)[0].backward(gy.double())
+        err = {n: max(((a.double() - r.grad).norm() / r.grad.norm()).item() for a, r in zip(grads[n], leaves))
+               for n in grads}
+        t, _ = alternate({n: run(fn) for n, fn in fns.items()}, rounds)
+        rows.append(f"| {(B, H, Nq, N, d)} | {where} | {t['explicit'] * 1e3:.1f} | {t['sdpa'] * 1e3:.1f} | "
+                    f"{t['vitlab'] * 1e3:.1f} | {t['explicit'] / t['vitlab']:.2f}x | {t['sdpa'] / t['vitlab']:.2f}x | "
+                    f"{err['vitlab']:.4f} / {err['explicit']:.4f} |")
     return "\n".join(rows)
 
 
@@ -238,7 +281,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tables", default="1,2,3,4,5,6", help="which tables to print (comma-separated numbers)")
+    ap.add_argument("--tables", default="1,2,3,4,5,6,7", help="which tables to print (comma-separated numbers)")
     args = ap.parse_args(argv)
     which = {int(t) for t in args.tables.split(",")}
     torch.set_num_threads(args.threads)
@@ -251,7 +294,8 @@ def main(argv=None):
     print(f"kernels ready in {time.perf_counter() - t:.1f} s\n")
     tables = {1: lambda: kernel_table(ck, mod, args.rounds), 2: lambda: parts_table(ck, mod, args.rounds),
               3: lambda: gelu_table(ck, mod, args.rounds), 4: lambda: projection_table(ck, mod, args.rounds),
-              5: lambda: model_table(args.rounds), 6: lambda: training_table(ck, mod, args.rounds)}
+              5: lambda: model_table(args.rounds), 6: lambda: training_table(ck, mod, args.rounds),
+              7: lambda: attention_training_table(ck, args.rounds)}
     for n, table in tables.items():
         if n in which:
             print(table(), "\n", flush=True)

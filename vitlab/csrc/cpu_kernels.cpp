@@ -62,12 +62,16 @@ inline __m512 exp2_ps(__m512 t) {
 }
 
 inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1); }
+inline __m512 ld(const bf16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void st(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v)); }
 
 // S (R rows, stride ldS floats, n valid columns) -> P (R rows of kp bf16: unnormalised 2^(c (s - max)),
 // zero past n), inv = 1 / row sums. R rows at once: their max / exp / sum chains are independent,
 // which hides the exponential's ~30-cycle latency (rows of ~200 keys: 2x the one-row loop).
 template <int R>
-inline void softmax_group(const float* S, int64_t ldS, int64_t n, int64_t kp, bf16* P, float c, float* inv) {
+inline void softmax_group(const float* S, int64_t ldS, int64_t n, int64_t kp, bf16* P, float c, float* inv, float* lse) {
   const __m512 vc = _mm512_set1_ps(c);
   __m512 vmax[R], vcm[R], vsum[R];
 #pragma GCC unroll 4
@@ -103,14 +107,18 @@ inline void softmax_group(const float* S, int64_t ldS, int64_t n, int64_t kp, bf
     }
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) inv[r] = 1.0f / _mm512_reduce_add_ps(vsum[r]);
+  for (int r = 0; r < R; ++r) {
+    const float sum = _mm512_reduce_add_ps(vsum[r]);
+    inv[r] = 1.0f / sum;
+    if (lse) lse[r] = c * _mm512_reduce_max_ps(vmax[r]) + std::log2(sum);  // base-2 log-sum-exp of c s
+  }
 }
 
 
-inline void softmax_rows(const float* S, int64_t ldS, int64_t n, int64_t kp, bf16* P, float c, float* inv, int64_t rows) {
+inline void softmax_rows(const float* S, int64_t ldS, int64_t n, int64_t kp, bf16* P, float c, float* inv, float* lse, int64_t rows) {
   int64_t r = 0;
-  if (n <= 512) for (; r + 4 <= rows; r += 4) softmax_group<4>(S + r * ldS, ldS, n, kp, P + r * kp, c, inv + r);
-  for (; r < rows; ++r) softmax_group<1>(S + r * ldS, ldS, n, kp, P + r * kp, c, inv + r);  // long rows: enough ILP in one
+  if (n <= 512) for (; r + 4 <= rows; r += 4) softmax_group<4>(S + r * ldS, ldS, n, kp, P + r * kp, c, inv + r, lse ? lse + r : nullptr);
+  for (; r < rows; ++r) softmax_group<1>(S + r * ldS, ldS, n, kp, P + r * kp, c, inv + r, lse ? lse + r : nullptr);  // long rows: enough ILP in one
 }
 
 
@@ -160,16 +168,66 @@ inline void gemm_rows(const void* a, int64_t lda, int64_t astep, const char* b, 
 }
 }  // namespace
 
-// q: (B, H, Nq, d), k, v: (B, H, N, d), bf16, last dim contiguous, d a multiple of 32.
-// Returns (B, Nq, H*d). parts (for measuring): 1 skips packing K, V; 2 Q K^T; 4 softmax; 8 P V.
-torch::Tensor attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale, int64_t parts) {
+namespace {
+// K^T in VNNI pairs for a B operand whose reduction runs over the head dim: dst[c2][j] =
+// (X[j][2 c2], X[j][2 c2 + 1]) as one 32-bit word, zero for rows j in [n, n16); 16 rows x 16 words
+// at a time by a register transpose. X: n rows of d bf16 (row stride ld elements).
+void pack_transposed(const bf16* X, int64_t ld, int64_t n, int64_t n16, int64_t d, uint32_t* dst) {
+  const int64_t dh = d / 2;
+  for (int64_t j0 = 0; j0 < n16; j0 += 16) {
+    for (int64_t c0 = 0; c0 < dh; c0 += 16) {
+      __m512i r[16];
+      for (int64_t j = 0; j < 16; ++j)
+        r[j] = j0 + j < n ? _mm512_loadu_si512(reinterpret_cast<const uint32_t*>(X + (j0 + j) * ld) + c0) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int64_t cc = 0; cc < 16; ++cc) _mm512_storeu_si512(&dst[(c0 + cc) * n16 + j0], r[cc]);
+    }
+  }
+}
+
+// X in VNNI pairs for a B operand whose reduction runs over X's rows: dst[j/2][col] =
+// (X[j][col], X[j+1][col]), zero for rows in [n, np) (np even). X: n rows of d bf16 (stride ld).
+void pack_pairs(const bf16* X, int64_t ld, int64_t n, int64_t np, int64_t d, bf16* dst) {
+  const __m512i lo = _mm512_set_epi16(47,15,46,14,45,13,44,12,43,11,42,10,41,9,40,8,39,7,38,6,37,5,36,4,35,3,34,2,33,1,32,0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t j = 0; j < np; j += 2) {
+    const bf16* r0 = X + j * ld; const bf16* r1 = r0 + ld;
+    bf16* out = dst + j * d;
+    for (int64_t col = 0; col < d; col += 32) {
+      __m512i a = j < n ? _mm512_loadu_si512(r0 + col) : zero;
+      __m512i b = j + 1 < n ? _mm512_loadu_si512(r1 + col) : zero;
+      _mm512_storeu_si512(out + 2 * col, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(out + 2 * col + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+
+// rows x d float32 (row stride d) times s, as bf16 rows of dst (row stride ld elements)
+inline void store_rows(const float* O, int64_t rows, int64_t d, float s, bf16* dst, int64_t ld) {
+  const __m512 vs = _mm512_set1_ps(s);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t col = 0; col < d; col += 32)
+      _mm512_storeu_si512(dst + i * ld + col, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(&O[i * d + col + 16]), vs),
+                                                                           _mm512_mul_ps(_mm512_loadu_ps(&O[i * d + col]), vs)));
+}
+
+void check_qkv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16, "bf16 q, k, v expected");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "(B, H, N, d) tensors with a contiguous last dim expected");
   TORCH_CHECK(q.size(3) % 32 == 0, "head dim must be a multiple of 32");
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) && v.sizes() == k.sizes(),
               "q (B, H, Nq, d), k and v (B, H, N, d) expected");
-  TORCH_CHECK(scale > 0, "scale must be positive");
   TORCH_CHECK(amx_permitted(), "the OS refused AMX tile state to this process");
+}
+
+// The forward; lse (B, H, Nq) float32 or null: each row's base-2 log-sum-exp of scale*log2(e)*s
+// (what the backward needs to recompute the probabilities). parts (for measuring): 1 skips packing
+// K, V; 2 Q K^T; 4 softmax; 8 P V.
+torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
+                             int64_t parts, float* lse) {
+  check_qkv(q, k, v);
+  TORCH_CHECK(scale > 0, "scale must be positive");
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3), N = k.size(2);
   auto out = torch::empty({B, Nq, H * d}, q.options());
   const int64_t N16 = (N + 15) / 16 * 16;   // columns of S (16-key blocks of Q K^T)
@@ -196,32 +254,8 @@ torch::Tensor attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
       const bf16* qh = qp + b * qs0 + h * qs1; const bf16* kh = kp + b * ks0 + h * ks1; const bf16* vh = vp + b * vs0 + h * vs1;
       if (packed != bh && !(parts & 1)) {
         packed = bh;
-        // K^T in VNNI pairs: kt[c2][j] = (K[j][2 c2], K[j][2 c2 + 1]) as one 32-bit word; zero past N.
-        // 16 keys x 16 words at a time by a register transpose.
-        for (int64_t j0 = 0; j0 < N16; j0 += 16) {
-          for (int64_t c0 = 0; c0 < dh; c0 += 16) {
-            __m512i r[16];
-            for (int64_t j = 0; j < 16; ++j)
-              r[j] = j0 + j < N ? _mm512_loadu_si512(reinterpret_cast<const uint32_t*>(kh + (j0 + j) * ks2) + c0) : _mm512_setzero_si512();
-            transpose16(r);
-            for (int64_t cc = 0; cc < 16; ++cc) _mm512_storeu_si512(&kt[(c0 + cc) * N16 + j0], r[cc]);
-          }
-        }
-        // V in VNNI pairs: vv[j/2][col] = (V[j][col], V[j+1][col]); zero rows past N
-        const __m512i lo = _mm512_set_epi16(47,15,46,14,45,13,44,12,43,11,42,10,41,9,40,8,39,7,38,6,37,5,36,4,35,3,34,2,33,1,32,0);
-        const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-        const __m512i zero = _mm512_setzero_si512();
-        bf16* vd = reinterpret_cast<bf16*>(vv.data());
-        for (int64_t j = 0; j < Kp; j += 2) {
-          const bf16* r0 = vh + j * vs2; const bf16* r1 = r0 + vs2;
-          bf16* dst = vd + j * d;
-          for (int64_t col = 0; col < d; col += 32) {
-            __m512i a = j < N ? _mm512_loadu_si512(r0 + col) : zero;
-            __m512i bb = j + 1 < N ? _mm512_loadu_si512(r1 + col) : zero;
-            _mm512_storeu_si512(dst + 2 * col, _mm512_permutex2var_epi16(a, lo, bb));
-            _mm512_storeu_si512(dst + 2 * col + 32, _mm512_permutex2var_epi16(a, hi, bb));
-          }
-        }
+        pack_transposed(kh, ks2, N, N16, d, kt.data());
+        pack_pairs(vh, vs2, N, Kp, d, reinterpret_cast<bf16*>(vv.data()));
       }
       const int64_t rb1 = std::min(rblocks, (ch + 1) * per);
       for (int64_t rb = ch * per; rb < rb1; ++rb) {
@@ -237,18 +271,12 @@ torch::Tensor attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
           if (rows == 32) gemm_rows<2>(a, lda, 64, ktb, N16 * 4, 16 * N16 * 4, 64, d / 32, N16 / 16, S.data(), N16);
           else gemm_rows<1>(a, lda, 64, ktb, N16 * 4, 16 * N16 * 4, 64, d / 32, N16 / 16, S.data(), N16);
         }
-        if (!(parts & 4)) softmax_rows(S.data(), N16, N, Kp, P.data(), c, inv.data(), m);
+        if (!(parts & 4)) softmax_rows(S.data(), N16, N, Kp, P.data(), c, inv.data(), lse ? lse + bh * Nq + i0 : nullptr, m);
         if (!(parts & 8)) {
           if (rows == 32) gemm_rows<2>(P.data(), Kp * 2, 64, vvb, d * 4, 16 * d * 4, 64, Kp / 32, d / 16, O.data(), d);
           else gemm_rows<1>(P.data(), Kp * 2, 64, vvb, d * 4, 16 * d * 4, 64, Kp / 32, d / 16, O.data(), d);
         }
-        for (int64_t i = 0; i < m; ++i) {
-          const __m512 s = _mm512_set1_ps(inv[i]);
-          bf16* dst = op + ((b * Nq + i0 + i) * H + h) * d;
-          for (int64_t col = 0; col < d; col += 32)
-            _mm512_storeu_si512(dst + col, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(&O[i * d + col + 16]), s),
-                                                                         _mm512_mul_ps(_mm512_loadu_ps(&O[i * d + col]), s)));
-        }
+        for (int64_t i = 0; i < m; ++i) store_rows(&O[i * d], 1, d, inv[i], op + ((b * Nq + i0 + i) * H + h) * d, 0);
       }
     }
     _tile_release();
@@ -257,12 +285,140 @@ torch::Tensor attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   return out;
 }
 
-namespace {
-inline __m512 ld(const bf16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+// 16 x 16 floats (rows of stride ld) transposed into 16 rows of 16 bf16 (dst rows of stride ldd elements)
+inline void transpose_to_bf16(const float* src, int64_t ld, bf16* dst, int64_t ldd) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_loadu_ps(src + i * ld));
+  transpose16(r);
+  for (int i = 0; i < 16; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * ldd), (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i])));
 }
-inline void st(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+// one 32-row block of C = A B (A rows of lda bytes) with 16 or 32 valid rows
+inline void gemm_block(int64_t rows, const void* a, int64_t lda, const char* b, int64_t ldb, int64_t bstep, int64_t ksteps,
+                       int64_t nblocks, float* c, int64_t ldc) {
+  if (rows > 16) gemm_rows<2>(a, lda, 64, b, ldb, bstep, 64, ksteps, nblocks, c, ldc);
+  else gemm_rows<1>(a, lda, 64, b, ldb, bstep, 64, ksteps, nblocks, c, ldc);
+}
 }  // namespace
+
+// q: (B, H, Nq, d), k, v: (B, H, N, d), bf16, last dim contiguous, d a multiple of 32.
+// Returns (B, Nq, H*d). parts: see attention_impl.
+torch::Tensor attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale, int64_t parts) {
+  return attention_impl(q, k, v, scale, parts, nullptr);
+}
+
+// The forward for training: (out (B, Nq, H*d), lse (B, H, Nq) float32) for attention_backward_bf16.
+std::vector<torch::Tensor> attention_fwd_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  auto lse = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  auto out = attention_impl(q, k, v, scale, 0, lse.data_ptr<float>());
+  return {out, lse};
+}
+
+// attention's backward, per (batch, head), flash-attention style (the probabilities recomputed from
+// Q K^T and the forward's lse, never stored for the whole batch): for each block of 32 query rows,
+// S = Q K^T, P = 2^(c S - lse), dP = dO V^T, dS = P (dP - rowsum(dO o O)) * scale, dQ = dS K; P^T and
+// dS^T are kept for the head (keys x queries, bf16) and give dV = P^T dO and dK = dS^T Q as two long
+// products at the end. Every product runs on AMX tiles; dq, dk, dv (same shapes as q, k, v, any
+// strides with a contiguous last dim) are written in place, so q, k and v may be views of one qkv
+// tensor and their gradient one buffer. dout, out: (B, Nq, H*d) contiguous; lse from the forward.
+// parts (for measuring; 0 in use): skips 1 packing, 2 S and dP, 4 P and dS, 8 dQ, 16 the transposes, 32 dV and dK.
+void attention_backward_bf16(torch::Tensor dout, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
+                             torch::Tensor lse, double scale, torch::Tensor dq, torch::Tensor dk, torch::Tensor dv, int64_t parts) {
+  check_qkv(q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3), N = k.size(2);
+  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && dout.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16
+              && dout.numel() == B * Nq * H * d && out.numel() == dout.numel(), "dout and out: contiguous bf16 (B, Nq, H*d)");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == B * H * Nq, "lse: float32 (B, H, Nq)");
+  TORCH_CHECK(dq.sizes() == q.sizes() && dk.sizes() == k.sizes() && dv.sizes() == v.sizes() && dq.stride(3) == 1
+              && dk.stride(3) == 1 && dv.stride(3) == 1 && dq.scalar_type() == at::kBFloat16 && dk.scalar_type() == at::kBFloat16
+              && dv.scalar_type() == at::kBFloat16, "dq, dk, dv: bf16 like q, k, v with a contiguous last dim");
+  const int64_t N16 = (N + 15) / 16 * 16, Kp = (N + 31) / 32 * 32, Q32 = (Nq + 31) / 32 * 32;
+  const int64_t dh = d / 2, HD = H * d;
+  const float c = (float)scale * 1.44269504088896341f, sc = (float)scale;
+  const bf16* qp = q.data_ptr<bf16>(); const bf16* kp = k.data_ptr<bf16>(); const bf16* vp = v.data_ptr<bf16>();
+  const bf16* gp = dout.data_ptr<bf16>(); const bf16* op = out.data_ptr<bf16>(); const float* lp = lse.data_ptr<float>();
+  bf16* dqp = dq.data_ptr<bf16>(); bf16* dkp = dk.data_ptr<bf16>(); bf16* dvp = dv.data_ptr<bf16>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> kt(dh * N16), vt(dh * N16);   // K^T, V^T (reduction over d)
+    std::vector<bf16> kk(Kp * d), qq(Q32 * d), gg(Q32 * d);  // K, Q, dO in pairs (reduction over keys / queries)
+    std::vector<bf16> PT(Kp * Q32), DT(Kp * Q32), Ds(32 * Kp), pad(32 * d);  // P^T, dS^T, dS (block), padded rows
+    std::vector<float> S(32 * N16), G(32 * N16), O(32 * std::max<int64_t>(d, 16)), D(32);
+    configure_tiles();
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const bf16* qh = qp + b * q.stride(0) + h * q.stride(1); const bf16* kh = kp + b * k.stride(0) + h * k.stride(1);
+      const bf16* vh = vp + b * v.stride(0) + h * v.stride(1);
+      const bf16* gh = gp + b * Nq * HD + h * d; const bf16* oh = op + b * Nq * HD + h * d;  // row stride HD
+      const float* lh = lp + bh * Nq;
+      if (!(parts & 1)) {
+      pack_transposed(kh, k.stride(2), N, N16, d, kt.data());
+      pack_transposed(vh, v.stride(2), N, N16, d, vt.data());
+      pack_pairs(kh, k.stride(2), N, Kp, d, kk.data());
+      pack_pairs(qh, q.stride(2), Nq, Q32, d, qq.data());
+      pack_pairs(gh, HD, Nq, Q32, d, gg.data());
+      }
+      const char* ktb = reinterpret_cast<const char*>(kt.data()); const char* vtb = reinterpret_cast<const char*>(vt.data());
+      for (int64_t i0 = 0; i0 < Nq; i0 += 32) {
+        const int64_t m = std::min<int64_t>(32, Nq - i0), rows = m > 16 ? 32 : 16;
+        // S = Q K^T and dP = dO V^T for this block (partial blocks through a zero-padded copy)
+        const bf16* a = qh + i0 * q.stride(2); int64_t lda = q.stride(2) * 2;
+        const bf16* g = gh + i0 * HD; int64_t ldg = HD * 2;
+        if (m < rows) {
+          std::memset(pad.data(), 0, 32 * d * sizeof(bf16));
+          for (int64_t i = 0; i < m; ++i) std::memcpy(&pad[i * d], a + i * q.stride(2), d * sizeof(bf16));
+          a = pad.data(); lda = d * 2;
+        }
+        if (!(parts & 2)) gemm_block(rows, a, lda, ktb, N16 * 4, 16 * N16 * 4, d / 32, N16 / 16, S.data(), N16);
+        if (m < rows) {
+          for (int64_t i = 0; i < m; ++i) std::memcpy(&pad[i * d], g + i * HD, d * sizeof(bf16));
+          g = pad.data(); ldg = d * 2;
+        }
+        if (!(parts & 2)) gemm_block(rows, g, ldg, vtb, N16 * 4, 16 * N16 * 4, d / 32, N16 / 16, G.data(), N16);
+        // P and dS in float32 (S and G overwritten), dS also as bf16 rows; rows past m and keys past N zero
+        for (int64_t i = 0; i < 32 && !(parts & 4); ++i) {
+          float* Si = &S[i * N16]; float* Gi = &G[i * N16]; bf16* Di = &Ds[i * Kp];
+          if (i >= m) {
+            std::memset(Si, 0, N16 * sizeof(float)); std::memset(Gi, 0, N16 * sizeof(float));
+            std::memset(Di, 0, Kp * sizeof(bf16));
+            continue;
+          }
+          __m512 acc = _mm512_setzero_ps();
+          const bf16* gi = gh + (i0 + i) * HD; const bf16* oi = oh + (i0 + i) * HD;
+          for (int64_t col = 0; col < d; col += 16) acc = _mm512_fmadd_ps(ld(gi + col, 0xFFFF), ld(oi + col, 0xFFFF), acc);
+          const __m512 vd = _mm512_set1_ps(_mm512_reduce_add_ps(acc)), vl = _mm512_set1_ps(lh[i0 + i]);
+          const __m512 vc = _mm512_set1_ps(c), vsc = _mm512_set1_ps(sc);
+          for (int64_t j = 0; j < Kp; j += 16) {
+            const __mmask16 mk = first(N - j);
+            __m512 p = _mm512_maskz_mov_ps(mk, exp2_ps<3>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, Si + j), vc, vl)));
+            __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, Gi + j), vd)), vsc);
+            if (j < N16) { _mm512_storeu_ps(Si + j, p); _mm512_storeu_ps(Gi + j, ds); }
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(Di + j), (__m256i)_mm512_cvtneps_pbh(ds));
+          }
+        }
+        // dQ = dS K
+        if (!(parts & 8)) gemm_block(rows, Ds.data(), Kp * 2, reinterpret_cast<const char*>(kk.data()), d * 4, 16 * d * 4, Kp / 32, d / 16, O.data(), d);
+        store_rows(O.data(), m, d, 1.0f, dqp + b * dq.stride(0) + h * dq.stride(1) + i0 * dq.stride(2), dq.stride(2));
+        // P^T and dS^T: columns i0 .. i0+31 of the (keys x queries) matrices
+        for (int64_t j0 = 0; j0 < N16 && !(parts & 16); j0 += 16)
+          for (int64_t r0 = 0; r0 < 32; r0 += 16) {
+            transpose_to_bf16(&S[r0 * N16 + j0], N16, &PT[j0 * Q32 + i0 + r0], Q32);
+            transpose_to_bf16(&G[r0 * N16 + j0], N16, &DT[j0 * Q32 + i0 + r0], Q32);
+          }
+      }
+      // dV = P^T dO, dK = dS^T Q: 32 keys at a time, the reduction over all queries
+      for (int64_t j0 = 0; j0 < N && !(parts & 32); j0 += 32) {
+        const int64_t m = std::min<int64_t>(32, N - j0), rows = m > 16 ? 32 : 16;
+        gemm_block(rows, &PT[j0 * Q32], Q32 * 2, reinterpret_cast<const char*>(gg.data()), d * 4, 16 * d * 4, Q32 / 32, d / 16, O.data(), d);
+        store_rows(O.data(), m, d, 1.0f, dvp + b * dv.stride(0) + h * dv.stride(1) + j0 * dv.stride(2), dv.stride(2));
+        gemm_block(rows, &DT[j0 * Q32], Q32 * 2, reinterpret_cast<const char*>(qq.data()), d * 4, 16 * d * 4, Q32 / 32, d / 16, O.data(), d);
+        store_rows(O.data(), m, d, 1.0f, dkp + b * dk.stride(0) + h * dk.stride(1) + j0 * dk.stride(2), dk.stride(2));
+      }
+    }
+    _tile_release();
+    at::native::cpublas::brgemm_release();
+  });
+}
+
 
 // R rows of layer norm at once: the rows' chains (sum -> mean -> centred squares -> rstd -> affine)
 // are independent, so interleaving them hides the horizontal reductions' latency, which dominates
@@ -659,6 +815,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // and any other Python threads keep running
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("attention_bf16", &attention_bf16, nogil);
+  m.def("attention_fwd_bf16", &attention_fwd_bf16, nogil);
+  m.def("attention_backward_bf16", &attention_backward_bf16, nogil);
   m.def("layer_norm_bf16", &layer_norm_bf16, nogil);
   m.def("gelu_bf16_", &gelu_bf16_, nogil);
   m.def("gelu_bf16", &gelu_bf16, nogil);

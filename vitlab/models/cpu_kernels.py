@@ -108,6 +108,89 @@ def attention(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return mod.attention_bf16(q, k, v, float(scale), 0).view(B, Nq, H, d).transpose(1, 2)
 
 
+# Largest (keys x queries) per head for the training attention: its backward keeps P^T and dS^T of one
+# head per thread (bf16), 32 MB per thread at this size (CvT-13's stage 1 at 224 px: 5 MB)
+ATTENTION_TRAIN_MAX_LOGITS = 1 << 23
+
+
+def attention_train_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The fused attention with its backward (`attention_train`) applies: the kernels built, bf16
+    CPU (B, H, N, d) tensors with d a multiple of 32 and contiguous last dims, nothing intercepting ops."""
+    return (_STATE["module"] is not None and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and q.dim() == 4 and q.shape[-1] % 32 == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and k.shape == v.shape and q.shape[:2] == k.shape[:2] and q.shape[-1] == k.shape[-1]
+            and q.shape[2] * k.shape[2] <= ATTENTION_TRAIN_MAX_LOGITS and _plain())
+
+
+def _attention_backward(ctx, g, q, k, v, dq, dk, dv):
+    out, lse = ctx.saved_tensors[-2:]
+    _STATE["module"].attention_backward_bf16(g.contiguous(), q, k, v, out, lse, ctx.scale, dq, dk, dv, 0)
+
+
+class _Attention(torch.autograd.Function):
+    """softmax(scale q k^T) v with autograd on (B, H, N, d) q, k, v; returns (B, Nq, H*d). The
+    forward also keeps each row's log-sum-exp; the backward recomputes the probabilities from it
+    (flash-attention style) and computes dq, dk, dv by AMX products in one kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = _STATE["module"].attention_fwd_bf16(q, k, v, float(scale))
+        ctx.scale = float(scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        q, k, v = ctx.saved_tensors[:3]
+        (B, H, Nq, d), N = q.shape, k.shape[2]
+        # gradients in (B, N, H, d) memory: what the q / k / v projections' backward reads
+        dq = q.new_empty(B, Nq, H, d).transpose(1, 2)
+        dk, dv = (k.new_empty(B, N, H, d).transpose(1, 2) for _ in range(2))
+        _attention_backward(ctx, g, q, k, v, dq, dk, dv)
+        return dq, dk, dv, None
+
+
+class _QKVAttention(torch.autograd.Function):
+    """`_Attention` on the fused qkv projection's output (B, N, 3, H, d), read in place; the
+    backward writes the gradient of all three into one buffer of that layout, which the qkv
+    projection's backward reads as it is (no stacking or permuting of three gradients)."""
+
+    @staticmethod
+    def forward(ctx, qkv, scale, queries):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out, lse = _STATE["module"].attention_fwd_bf16(q[:, :, :queries], k, v, float(scale))
+        ctx.scale, ctx.queries = float(scale), queries
+        ctx.save_for_backward(qkv, out, lse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        qkv = ctx.saved_tensors[0]
+        n = ctx.queries
+        dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        if n < qkv.shape[1]:  # tokens that gave no query: no gradient through q
+            dqkv[:, n:, 0].zero_()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
+        _attention_backward(ctx, g, q[:, :, :n], k, v, dq[:, :, :n], dk, dv)
+        return dqkv, None, None
+
+
+def attention_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T) v, differentiable (see `attention_train_ok`), as (B, H, Nq, d): a view
+    of (B, Nq, H*d) memory, like `attention`."""
+    B, H, Nq, d = q.shape
+    return _Attention.apply(q, k, v, scale).view(B, Nq, H, d).transpose(1, 2)
+
+
+def attention_qkv_train(qkv: torch.Tensor, scale: float, queries: int | None = None) -> torch.Tensor:
+    """Attention of a fused qkv projection's output `qkv` (B, N, 3, H, d), differentiable, for the
+    first `queries` tokens (all by default); returns (B, Nq, H*d)."""
+    return _QKVAttention.apply(qkv, scale, qkv.shape[1] if queries is None else queries)
+
+
 def dwconv_qkv(mod, x: torch.Tensor, prefix: int, grid: tuple[int, int], weights: torch.Tensor, biases: torch.Tensor,
                kv_stride: int, want_q: bool, norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:

@@ -325,11 +325,13 @@ class ConvAttention(nn.Module):
         if return_attn:
             return _explicit_attention(q, k, v, self.scale, self.attn_drop, self.training)
         drop = self.attn_drop if self.training else 0.0
+        if self.cpu_kernel:  # vitlab's fused CPU attention (with its backward in training) where it applies
+            out = fast.cpu_kernel_attention(q, k, v, self.scale, None, drop, self.training)
+            if out is not None:
+                return out, None
         if (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
                 and k.shape[-2] <= EXPLICIT_TRAIN_MAX_KEYS and fast.fast_paths_enabled()):
             return _explicit_attention(q, k, v, self.scale, drop, self.training)[0], None
-        if self.cpu_kernel and not drop:  # vitlab's fused CPU attention where it applies
-            return fast.attention(q, k, v, self.scale, cpu_kernel=True)
         # fused SDPA otherwise: at all three CvT-13 shapes in bf16 inference it beats explicit
         # products on CPU (one core, batch 32: 73 vs 320 ms, 24 vs 29 ms, 7.0 vs 8.2 ms), so no
         # timed choice (which a busy machine can get wrong) is needed

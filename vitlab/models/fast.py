@@ -367,6 +367,21 @@ def _choose_kernel(q, k, v, scale, bias, dropout_p, training) -> str:
     return choice
 
 
+def cpu_kernel_attention(q, k, v, scale: float, bias=None, dropout_p: float = 0.0, training: bool = False):
+    """vitlab's fused bf16 CPU attention (`cpu_kernels`: the inference kernel, or with autograd
+    the kernel pair with its backward) as (B, H, Nq, d), or None where it does not apply."""
+    if bias is not None or (dropout_p and training) or not _STATE["enabled"] or not _plain_context():
+        return None
+    from vitlab.models import cpu_kernels
+
+    mod = cpu_kernels.get()
+    if mod is not None and cpu_kernels.attention_ok(q, k, v):
+        return cpu_kernels.attention(mod, q, k, v, scale)
+    if _train_kernel_ok(dropout_p, training, (q, k, v)) and cpu_kernels.attention_train_ok(q, k, v):
+        return cpu_kernels.attention_train(q, k, v, scale)
+    return None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
               bias: torch.Tensor | None = None, dropout_p: float = 0.0, training: bool = False,
               need_weights: bool = False, cpu_kernel: bool = False):
@@ -382,14 +397,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if need_weights:
         return attention_reference(q, k, v, scale, bias, dropout_p, training)
-    if cpu_kernel and bias is None and not (dropout_p and training) and _STATE["enabled"] and _plain_context():
-        from vitlab.models import cpu_kernels
-
-        mod = cpu_kernels.get()
-        if mod is not None and cpu_kernels.attention_ok(q, k, v):
-            return cpu_kernels.attention(mod, q, k, v, scale), None
+    if cpu_kernel:
+        out = cpu_kernel_attention(q, k, v, scale, bias, dropout_p, training)
+        if out is not None:
+            return out, None
     kind = _choose_kernel(q, k, v, scale, bias, dropout_p, training)
     return _KERNELS[kind](q, k, v, scale, bias, dropout_p, training), None
+
+
+def _train_kernel_ok(dropout_p: float, training: bool, tensors) -> bool:
+    return (_STATE["enabled"] and not (dropout_p and training) and torch.is_grad_enabled()
+            and any(t.requires_grad for t in tensors))
+
+
+def attention_qkv_train_ok(qkv: torch.Tensor) -> bool:
+    """vitlab's attention kernel with its backward applies to a fused qkv projection's output
+    (B, N, 3, H, d) (bf16 CPU training; see `cpu_kernels.attention_train_ok`)."""
+    from vitlab.models import cpu_kernels
+
+    if not _train_kernel_ok(0.0, False, (qkv,)) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        return False
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return cpu_kernels.attention_train_ok(q, k, v)
+
+
+def attention_qkv_train(qkv: torch.Tensor, scale: float, queries: int | None = None) -> torch.Tensor:
+    """Differentiable attention of qkv (B, N, 3, H, d) by vitlab's CPU kernels: (B, Nq, H*d)."""
+    from vitlab.models import cpu_kernels
+
+    return cpu_kernels.attention_qkv_train(qkv, scale, queries)
 
 
 # ----------------------------------------------------------------------------- model-level

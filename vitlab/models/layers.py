@@ -189,8 +189,20 @@ class Attention(nn.Module):
         where possible): `residual + attn(x)`. `queries=n`: outputs for the first n tokens only
         (all N tokens still give keys and values); `residual` then has n tokens."""
         B, N, C = x.shape
-        qkv = fast.linear(x, self.qkv).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        qkv = fast.linear(x, self.qkv).reshape(B, N, 3, self.num_heads, self.head_dim)
+        if (self.cpu_kernel and not return_attn and bias is None and not (self.training and self.attn_drop)
+                and fast.attention_qkv_train_ok(qkv)):
+            # bf16 CPU training: vitlab's attention kernel with its backward, reading q, k, v in
+            # place and writing their gradient as one (B, N, 3, H, d) buffer
+            x, attn = fast.attention_qkv_train(qkv, self.scale, queries), None
+        else:
+            x, attn = self._attention(qkv, return_attn, bias, queries)
+        return self._project(x, residual), attn
+
+    def _attention(self, qkv, return_attn: bool, bias, queries):
+        """(out (B, Nq, C), probabilities or None) from qkv (B, N, 3, H, d)."""
+        B, N = qkv.shape[:2]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if queries is not None:
             q = q[:, :, :queries]
             bias = None if bias is None else bias[..., :queries, :]
@@ -198,11 +210,13 @@ class Attention(nn.Module):
         # fastest correct kernel for this device and shape (fast.attention)
         x, attn = fast.attention(q, k, v, self.scale, bias, self.attn_drop, self.training, need_weights=return_attn,
                                  cpu_kernel=self.cpu_kernel)
-        x = x.transpose(1, 2).reshape(B, q.shape[2], C)
+        return x.transpose(1, 2).reshape(B, q.shape[2], -1), attn
+
+    def _project(self, x, residual):
         if residual is not None and not (self.training and self.proj_drop.p > 0):
-            return fast.linear(x, self.proj, residual=residual), attn
+            return fast.linear(x, self.proj, residual=residual)
         out = self.proj_drop(fast.linear(x, self.proj))
-        return (out if residual is None else residual + out), attn
+        return out if residual is None else residual + out
 
 
 class Mlp(nn.Module):
