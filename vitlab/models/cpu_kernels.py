@@ -1,5 +1,6 @@
 """vitlab's own CPU kernels (fused attention, layer norm, GELU, CvT's depthwise q/k/v projections)
-for bf16 inference on AMX CPUs, and GELU and layer norm with their backward for bf16 training.
+for bf16 inference on AMX CPUs, and attention, GELU and layer norm with their backward for bf16
+training.
 
 Built from `vitlab/csrc/cpu_kernels.cpp` with `torch.utils.cpp_extension` the first time
 `fast.optimize_for_inference` prepares a bf16 model on such a CPU (about 25 s, once, with a

@@ -164,8 +164,10 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
     forward(x, return_attn=False, bias=None) -> (out, attn or None). `bias` is an additive
-    (heads, N, N) logit bias (relative position). The fused SDPA kernel is used unless the
-    probabilities are asked for.
+    (heads, N, N) logit bias (relative position). A fused kernel is used unless the probabilities
+    are asked for: with `cpu_kernel` (set by `fast.use_cpu_kernels` / `optimize_for_inference`)
+    vitlab's bf16 CPU attention, in training its kernel pair with the backward reading q, k, v from
+    the qkv projection's output in place; otherwise `fast.attention`'s choice for the device.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -181,7 +183,7 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.cpu_kernel = False  # vitlab's fused CPU attention (set by fast.optimize_for_inference)
+        self.cpu_kernel = False  # vitlab's fused CPU attention (set by fast.use_cpu_kernels)
 
     def forward(self, x, return_attn: bool = False, bias: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, queries: int | None = None):
