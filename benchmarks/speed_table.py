@@ -1,6 +1,6 @@
 """The README's speed table, measured in one run on this machine.
 
-    python benchmarks/speed_table.py            # full table + fast-path before/after, < 10 min on 2 cores
+    python benchmarks/speed_table.py            # full table + fast-path before/after, about 20 min on 2 cores
     python benchmarks/speed_table.py --quick    # fewer steps, no compile row (a smoke run)
 
 Rows: ViT-S/16, ViT-B/16, CvT-13 (vs Hugging Face transformers, same config and weights) and
@@ -505,7 +505,7 @@ def fast_path_table(args) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps, no compile row")
-    ap.add_argument("--steps", type=int, default=None, help="timed inference steps per row of the main table (default 11)")
+    ap.add_argument("--steps", type=int, default=None, help="timed inference steps per row of the main table (default 21)")
     ap.add_argument("--train-steps", type=int, default=None, help="timed training steps per row (default 5)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps before each row (default 2, as "
                     "`vitlab bench`)")
@@ -515,9 +515,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fast-paths", action="store_true", help="only the main table")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
-    # 11 timed pairs per inference row: the per-pair ratio's median moves less with this machine's
-    # second-to-second speed changes than with 7 (the fast-path table keeps 7: FAST_PATH_STEPS)
-    args.steps = args.steps or (2 if args.quick else 11)
+    # 21 timed pairs per inference row (11 until session 10): on this shared machine the medians of
+    # 5 consecutive per-pair ratios of one run ranged 1.9-2.8x (ViT-S/16), so a median over more
+    # pairs moves less from run to run; an inference pair takes 1-3 s (ConvMixer 8 s). The
+    # fast-path table keeps 7 (FAST_PATH_STEPS)
+    args.steps = args.steps or (2 if args.quick else 21)
     args.train_steps = args.train_steps or (1 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.no_compile = args.no_compile or args.quick

@@ -173,6 +173,7 @@ def _dw_reference(x, p, h, w, wt, bt, s, ln):
     (1, 0, 9, 7, 64, 2, False),      # non-square, odd sizes: 4-wide blocks + column tails
     (2, 2, 5, 3, 32, 3, True),       # two prefix tokens, maps narrower than a block, stride 3
     (1, 1, 4, 6, 16, 1, False),      # k/v at stride 1
+    (1, 0, 5, 9, 32, 1, True),       # k/v at stride 1: two 4-wide blocks + a column tail per row
 ])
 def test_depthwise_projection_kernel_matches_float32_convs(mod, B, p, h, w, C, s, norm):
     g = torch.Generator().manual_seed(B * 100 + h)

@@ -342,7 +342,7 @@ void attention_backward_bf16(torch::Tensor dout, torch::Tensor q, torch::Tensor 
     std::vector<uint32_t> kt(dh * N16), vt(dh * N16);   // K^T, V^T (reduction over d)
     std::vector<bf16> kk(Kp * d), qq(Q32 * d), gg(Q32 * d);  // K, Q, dO in pairs (reduction over keys / queries)
     std::vector<bf16> PT(Kp * Q32), DT(Kp * Q32), Ds(32 * Kp), pad(32 * d);  // P^T, dS^T, dS (block), padded rows
-    std::vector<float> S(32 * N16), G(32 * N16), O(32 * std::max<int64_t>(d, 16)), D(32);
+    std::vector<float> S(32 * N16), G(32 * N16), O(32 * d);
     configure_tiles();
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -663,6 +663,52 @@ torch::Tensor gelu_backward_bf16(torch::Tensor g, torch::Tensor x, torch::Tensor
 namespace {
 inline __m512 ld16(const bf16* p) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16)); }
 inline void st16(bf16* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+// One output row of NOUT 3x3 depthwise convolutions of the same windows at stride s (q alone, or k
+// and v together from the same loads), for one 16-channel block of the float32 map [row][channel
+// block][column][16] (r0: the window's top row; RS floats between rows). Where s is the compile-time
+// S (1 or 2), four output columns per step: each loaded column feeds every window of the four that
+// covers it (6 loaded columns per row at stride 1, 9 at stride 2, instead of 12); the rest one column
+// at a time. Each output's products are summed in the same order either way (the same bits).
+template <int NOUT, int S>
+inline void dw3x3_row(const float* r0, int64_t RS, int64_t s, int64_t wo, int64_t C, const __m512 (&wt)[NOUT][9],
+                      const __m512 (&bias)[NOUT], bf16* const (&out)[NOUT]) {
+  int64_t xx = 0;
+  if constexpr (S > 0) {
+    for (; xx + 4 <= wo; xx += 4) {
+      __m512 a[NOUT][4];
+      for (int n = 0; n < NOUT; ++n) for (int o = 0; o < 4; ++o) a[n][o] = bias[n];
+#pragma GCC unroll 3
+      for (int ty = 0; ty < 3; ++ty) {
+        const float* r = r0 + ty * RS + xx * S * 16;
+#pragma GCC unroll 9
+        for (int j = 0; j < 3 * S + 3; ++j) {
+          const __m512 iv = _mm512_loadu_ps(r + j * 16);
+#pragma GCC unroll 4
+          for (int o = 0; o < 4; ++o)
+            if (j - S * o >= 0 && j - S * o < 3)
+#pragma GCC unroll 2
+              for (int n = 0; n < NOUT; ++n) a[n][o] = _mm512_fmadd_ps(iv, wt[n][3 * ty + j - S * o], a[n][o]);
+        }
+      }
+      for (int o = 0; o < 4; ++o) for (int n = 0; n < NOUT; ++n) st16(out[n] + (xx + o) * C, a[n][o]);
+    }
+  }
+  for (; xx < wo; ++xx) {
+    const float* in = r0 + xx * s * 16;
+    __m512 a[NOUT];
+    for (int n = 0; n < NOUT; ++n) a[n] = bias[n];
+#pragma GCC unroll 3
+    for (int ty = 0; ty < 3; ++ty)
+#pragma GCC unroll 3
+      for (int tx = 0; tx < 3; ++tx) {
+        const __m512 iv = _mm512_loadu_ps(in + ty * RS + tx * 16);
+#pragma GCC unroll 2
+        for (int n = 0; n < NOUT; ++n) a[n] = _mm512_fmadd_ps(iv, wt[n][3 * ty + tx], a[n]);
+      }
+    for (int n = 0; n < NOUT; ++n) st16(out[n] + xx * C, a[n]);
+  }
+}
 }  // namespace
 
 // x: (B, p + h*w, C) bf16 (tokens contiguous in C and in token order; any batch stride); wt: (3, 9, C)
@@ -726,82 +772,24 @@ std::vector<torch::Tensor> dwconv_qkv_bf16(torch::Tensor x, int64_t p, int64_t h
           for (bf16* d : dsts) if (d) std::memcpy(d, xi + t * C, C * sizeof(bf16));
         }
       }
-      for (int64_t y = 0; y < h && qo; ++y)
+      for (int64_t y = 0; y < h && qo; ++y)  // q: stride 1
         for (int64_t cb = 0; cb < CB; ++cb) {
           const int64_t c = cb * 16;
-          __m512 wq[9];
-          for (int t = 0; t < 9; ++t) wq[t] = _mm512_loadu_ps(wp + t * C + c);
-          const __m512 bq = _mm512_loadu_ps(bp + c);
-          const float* r0 = f + y * RS + cb * W2 * 16;  // top row of the window, this channel block
-          bf16* out = qo + (p + y * w) * C + c;
-          int64_t xx = 0;
-          for (; xx + 4 <= w; xx += 4) {  // four outputs at once: each loaded column feeds up to three of them
-            __m512 a[4] = {bq, bq, bq, bq};
-#pragma GCC unroll 3
-            for (int ty = 0; ty < 3; ++ty) {
-              const float* r = r0 + ty * RS + xx * 16;
-#pragma GCC unroll 6
-              for (int j = 0; j < 6; ++j) {
-                const __m512 iv = _mm512_loadu_ps(r + j * 16);
-#pragma GCC unroll 4
-                for (int o = 0; o < 4; ++o)
-                  if (j - o >= 0 && j - o < 3) a[o] = _mm512_fmadd_ps(iv, wq[3 * ty + j - o], a[o]);
-              }
-            }
-            for (int o = 0; o < 4; ++o) st16(out + (xx + o) * C, a[o]);
-          }
-          for (; xx < w; ++xx) {
-            const float* in = r0 + xx * 16;
-            __m512 a0 = bq;
-#pragma GCC unroll 3
-            for (int ty = 0; ty < 3; ++ty)
-#pragma GCC unroll 3
-              for (int tx = 0; tx < 3; ++tx) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(in + ty * RS + tx * 16), wq[3 * ty + tx], a0);
-            st16(out + xx * C, a0);
-          }
+          __m512 wq[1][9], bq[1] = {_mm512_loadu_ps(bp + c)};
+          for (int t = 0; t < 9; ++t) wq[0][t] = _mm512_loadu_ps(wp + t * C + c);
+          bf16* const out[1] = {qo + (p + y * w) * C + c};
+          dw3x3_row<1, 1>(f + y * RS + cb * W2 * 16, RS, 1, w, C, wq, bq, out);
         }
-      for (int64_t y = 0; y < hk; ++y)
+      for (int64_t y = 0; y < hk; ++y)  // k and v: stride s, from the same loads
         for (int64_t cb = 0; cb < CB; ++cb) {
           const int64_t c = cb * 16;
-          __m512 wkr[9], wvr[9];
-          for (int t = 0; t < 9; ++t) { wkr[t] = _mm512_loadu_ps(wp + (9 + t) * C + c); wvr[t] = _mm512_loadu_ps(wp + (18 + t) * C + c); }
-          const __m512 bk = _mm512_loadu_ps(bp + C + c), bv = _mm512_loadu_ps(bp + 2 * C + c);
+          __m512 wkv[2][9], bkv[2] = {_mm512_loadu_ps(bp + C + c), _mm512_loadu_ps(bp + 2 * C + c)};
+          for (int t = 0; t < 9; ++t) { wkv[0][t] = _mm512_loadu_ps(wp + (9 + t) * C + c); wkv[1][t] = _mm512_loadu_ps(wp + (18 + t) * C + c); }
+          bf16* const out[2] = {ko + (p + y * wk) * C + c, vo + (p + y * wk) * C + c};
           const float* r0 = f + y * s * RS + cb * W2 * 16;
-          bf16* ok = ko + (p + y * wk) * C + c; bf16* ov = vo + (p + y * wk) * C + c;
-          int64_t xx = 0;
-          if (s == 2)
-            for (; xx + 4 <= wk; xx += 4) {  // four outputs at once (stride 2: nine loaded columns for four windows)
-              __m512 ak[4] = {bk, bk, bk, bk}, av[4] = {bv, bv, bv, bv};
-#pragma GCC unroll 3
-              for (int ty = 0; ty < 3; ++ty) {
-                const float* r = r0 + ty * RS + xx * 32;
-#pragma GCC unroll 9
-                for (int j = 0; j < 9; ++j) {
-                  const __m512 iv = _mm512_loadu_ps(r + j * 16);
-#pragma GCC unroll 4
-                  for (int o = 0; o < 4; ++o)
-                    if (j - 2 * o >= 0 && j - 2 * o < 3) {
-                      ak[o] = _mm512_fmadd_ps(iv, wkr[3 * ty + j - 2 * o], ak[o]);
-                      av[o] = _mm512_fmadd_ps(iv, wvr[3 * ty + j - 2 * o], av[o]);
-                    }
-                }
-              }
-              for (int o = 0; o < 4; ++o) { st16(ok + (xx + o) * C, ak[o]); st16(ov + (xx + o) * C, av[o]); }
-            }
-          for (; xx < wk; ++xx) {
-            const float* in = r0 + xx * s * 16;
-            __m512 ak = bk, av = bv;
-#pragma GCC unroll 3
-            for (int ty = 0; ty < 3; ++ty)
-#pragma GCC unroll 3
-              for (int tx = 0; tx < 3; ++tx) {
-                const __m512 iv = _mm512_loadu_ps(in + ty * RS + tx * 16);
-                ak = _mm512_fmadd_ps(iv, wkr[3 * ty + tx], ak);
-                av = _mm512_fmadd_ps(iv, wvr[3 * ty + tx], av);
-              }
-            st16(ok + xx * C, ak);
-            st16(ov + xx * C, av);
-          }
+          if (s == 2) dw3x3_row<2, 2>(r0, RS, s, wk, C, wkv, bkv, out);
+          else if (s == 1) dw3x3_row<2, 1>(r0, RS, s, wk, C, wkv, bkv, out);
+          else dw3x3_row<2, 0>(r0, RS, s, wk, C, wkv, bkv, out);
         }
     }
   });

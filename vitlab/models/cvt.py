@@ -349,7 +349,7 @@ class ConvAttention(nn.Module):
         if queries is not None and not 0 < queries <= p:
             raise ConfigError(f"queries={queries} must select class tokens (1..{p}) of this stage")
         fused = (self._fused_projections(x, grid, p, queries is None, norm)
-                 if self.cpu_kernel and self.fused_projections else None)
+                 if self.cpu_kernel and getattr(self, "fused_projections", True) else None)
         if fused is not None:  # vitlab's kernel: the three depthwise convs, class token attached
             q, k, v = fused
             if queries is not None:  # the (normalised) class tokens lead k

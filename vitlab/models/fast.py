@@ -421,13 +421,6 @@ def attention_qkv_train_ok(qkv: torch.Tensor) -> bool:
     return cpu_kernels.attention_train_ok(q, k, v)
 
 
-def attention_qkv_train(qkv: torch.Tensor, scale: float, queries: int | None = None) -> torch.Tensor:
-    """Differentiable attention of qkv (B, N, 3, H, d) by vitlab's CPU kernels: (B, Nq, H*d)."""
-    from vitlab.models import cpu_kernels
-
-    return cpu_kernels.attention_qkv_train(qkv, scale, queries)
-
-
 # ----------------------------------------------------------------------------- model-level
 def block_lists(model: nn.Module) -> list[nn.ModuleList | nn.Sequential]:
     """The containers of repeated blocks of any vitlab model: `model.blocks` (ViT, ConvMixer)

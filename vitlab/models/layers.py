@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from . import fast
+from . import cpu_kernels, fast
 
 POS_EMBED_KINDS = ("none", "learned", "learned_2d", "sincos_1d", "sincos_2d", "relative")
 
@@ -196,14 +196,14 @@ class Attention(nn.Module):
                 and fast.attention_qkv_train_ok(qkv)):
             # bf16 CPU training: vitlab's attention kernel with its backward, reading q, k, v in
             # place and writing their gradient as one (B, N, 3, H, d) buffer
-            x, attn = fast.attention_qkv_train(qkv, self.scale, queries), None
+            x, attn = cpu_kernels.attention_qkv_train(qkv, self.scale, queries), None
         else:
             x, attn = self._attention(qkv, return_attn, bias, queries)
         return self._project(x, residual), attn
 
     def _attention(self, qkv, return_attn: bool, bias, queries):
         """(out (B, Nq, C), probabilities or None) from qkv (B, N, 3, H, d)."""
-        B, N = qkv.shape[:2]
+        B = qkv.shape[0]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if queries is not None:
             q = q[:, :, :queries]
