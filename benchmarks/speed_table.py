@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -104,6 +105,42 @@ def log(msg: str) -> None:
 FAST_PATH_STEPS = 7
 
 
+def model_rows(args, name: str, peak: float) -> list[dict]:
+    """One model's inference and training rows, vitlab and the peer alternating step by step."""
+    compare = "paper" if name.startswith("convmixer") else "transformers"
+    out = []
+    for mode in ("infer", "train"):
+        steps = args.steps if mode == "infer" else args.train_steps
+        warmup = args.warmup
+        if mode == "train" and name.startswith("convmixer"):
+            # about 35 s per step and implementation on 2 cores: fewer steps keep the run short
+            steps, warmup = min(steps, CONVMIXER_TRAIN_STEPS), 1
+        t0 = time.perf_counter()
+        res = bench.run_benchmark(name, mode=mode, batch_size=args.batch_size, img_size=224, dtype="bf16",
+                                  steps=steps, warmup=warmup, compare=compare, peak=peak, measure_memory=False)
+        ours, peer = res
+        ratio = statistics.median([b / a for a, b in zip(ours.times, peer.times)])
+        out.append(dict(model=name, mode=mode, ours=ours.images_per_s, peer=peer.images_per_s, peer_impl=peer.impl,
+                        ratio=ratio, tflops=ours.tflops, frac=ours.frac_peak, peer_frac=peer.frac_peak,
+                        seconds=time.perf_counter() - t0))
+    return out
+
+
+def model_rows_in_fresh_process(args, name: str, peak: float) -> list[dict]:
+    """`model_rows` in a new Python process. Each model gets the state a user's own process would
+    have: measured on 2026-11-22, rows run after others in one process inherited a C heap grown by
+    them, so the peer's large temporaries stopped page-faulting (transformers' CvT-13 inference:
+    about 200,000 minor faults per step in a fresh process, none after the ViT-S/16 rows; its step
+    560-640 ms instead of 780-850) and a row's ratio depended on the rows before it."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_model-rows", name, "--_peak", repr(peak),
+           "--steps", str(args.steps), "--train-steps", str(args.train_steps), "--warmup", str(args.warmup),
+           "--batch-size", str(args.batch_size)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"the rows of {name} failed (exit {proc.returncode}); its messages are above")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main_table(args, peak: float) -> tuple[str, list[dict]]:
     rows, lines = [], []
     lines.append("| model | step | vitlab img/s | peer | peer img/s | vitlab / peer | target | vitlab TFLOP/s | "
@@ -112,27 +149,17 @@ def main_table(args, peak: float) -> tuple[str, list[dict]]:
     for label, name in ROWS:
         if args.models and name not in args.models:
             continue
-        compare = "paper" if name.startswith("convmixer") else "transformers"
-        for mode in ("infer", "train"):
-            steps = args.steps if mode == "infer" else args.train_steps
-            warmup = args.warmup
-            if mode == "train" and name.startswith("convmixer"):
-                # about 35 s per step and implementation on 2 cores: fewer steps keep the run short
-                steps, warmup = min(steps, CONVMIXER_TRAIN_STEPS), 1
-            t0 = time.perf_counter()
-            res = bench.run_benchmark(name, mode=mode, batch_size=args.batch_size, img_size=224, dtype="bf16",
-                                      steps=steps, warmup=warmup, compare=compare, peak=peak, measure_memory=False)
-            ours, peer = res
-            ratio = statistics.median([b / a for a, b in zip(ours.times, peer.times)])
+        for r in model_rows_in_fresh_process(args, name, peak):
+            mode, ratio = r["mode"], r["ratio"]
             target = TARGETS.get((name, mode))
             tgt = "-" if target is None else (f">= {target:g}x: " + ("met" if ratio >= target else "NOT met"))
-            lines.append(f"| {label} | {mode} | {ours.images_per_s:.1f} | {peer.impl} | {peer.images_per_s:.1f} | "
-                         f"{ratio:.2f}x | {tgt} | {ours.tflops:.3f} | {100 * ours.frac_peak:.1f} | "
-                         f"{100 * peer.frac_peak:.1f} |")
-            rows.append(dict(label=label, model=name, mode=mode, ours=round(ours.images_per_s, 2),
-                             peer=round(peer.images_per_s, 2), ratio=round(ratio, 3)))
-            log(f"  {label} {mode}: vitlab {ours.images_per_s:.1f} img/s, {peer.impl} {peer.images_per_s:.1f} "
-                f"img/s, {ratio:.2f}x ({time.perf_counter() - t0:.0f} s)")
+            lines.append(f"| {label} | {mode} | {r['ours']:.1f} | {r['peer_impl']} | {r['peer']:.1f} | "
+                         f"{ratio:.2f}x | {tgt} | {r['tflops']:.3f} | {100 * r['frac']:.1f} | "
+                         f"{100 * r['peer_frac']:.1f} |")
+            rows.append(dict(label=label, model=name, mode=mode, ours=round(r["ours"], 2),
+                             peer=round(r["peer"], 2), ratio=round(ratio, 3)))
+            log(f"  {label} {mode}: vitlab {r['ours']:.1f} img/s, {r['peer_impl']} {r['peer']:.1f} "
+                f"img/s, {ratio:.2f}x ({r['seconds']:.0f} s)")
     return "\n".join(lines), rows
 
 
@@ -514,7 +541,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-fast-paths", action="store_true", help="only the main table")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/RESULTS.md")
+    ap.add_argument("--_model-rows", dest="model_rows", default=None, help=argparse.SUPPRESS)  # child process
+    ap.add_argument("--_peak", dest="peak", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.model_rows:  # one model's rows, in the fresh process `model_rows_in_fresh_process` started
+        print(json.dumps(model_rows(args, args.model_rows, args.peak)))
+        return 0
     # 21 timed pairs per inference row (11 until session 10): on this shared machine the medians of
     # 5 consecutive per-pair ratios of one run ranged 1.9-2.8x (ViT-S/16), so a median over more
     # pairs moves less from run to run; an inference pair takes 1-3 s (ConvMixer 8 s). The
@@ -550,7 +582,8 @@ def main(argv=None) -> int:
              f"- batch {args.batch_size}, 224 px, bf16; median of {args.steps} inference / {args.train_steps} "
              f"training steps ({CONVMIXER_TRAIN_STEPS} for ConvMixer, whose steps take ~35 s; fast-path table: "
              f"{min(args.steps, FAST_PATH_STEPS)} per row) after {args.warmup} "
-             f"warm-up steps (1 for ConvMixer training), vitlab and peer alternating in one process; C allocator: glibc's "
+             f"warm-up steps (1 for ConvMixer training); each model's rows in a fresh Python process, vitlab and the peer "
+             f"alternating step by step in it; C allocator: glibc's "
              f"defaults for every implementation (as shipped; see the allocator rows of the fast-path table)\n"
              f"- vitlab: `optimize_for_inference` (bf16 weights, fused linear epilogues, GELU in place, CvT's MLP "
              f"in row blocks, vitlab's CPU kernels on AMX CPUs (attention, else SDPA; layer norm; GELU; CvT's norm1 + depthwise q/k/v projections), BN folding, "
@@ -567,7 +600,9 @@ def main(argv=None) -> int:
     report = (f"# vitlab speed on this machine\n\n{facts}\n\n## vitlab vs the well-known implementations (CPU)\n\n"
               f"{table}\n")
     full_run = not (args.models or args.quick or args.no_write) and args.batch_size == 32
-    settings = dict(steps=args.steps, train_steps=args.train_steps, warmup=args.warmup)
+    # `process`: since session 10 each model's rows run in a fresh process (before, all rows in one:
+    # those runs are another series)
+    settings = dict(steps=args.steps, train_steps=args.train_steps, warmup=args.warmup, process="per model")
     runs = []
     if HISTORY.exists():
         runs = [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()]
