@@ -18,8 +18,6 @@ import resource
 import statistics
 import time
 
-import torch
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -28,23 +26,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args(argv)
 
-    from vitlab import bench
-    from vitlab.models.registry import get_spec
+    from _pair import inference_steps
 
-    torch.manual_seed(0)
-    cpu = torch.device("cpu")
-    pair = bench.build_pair(get_spec(args.model).name, "transformers", 1000, 224)
-    x, y = torch.randn(32, 3, 224, 224), torch.randint(0, 1000, (32,))
-    ours = bench.prepare(pair.ours, "infer", torch.bfloat16, cpu, True, False)
-    step_ours = bench.make_step(ours, ours, "infer", x, y, dtype=torch.bfloat16, fast=True, device=cpu,
-                                optimizer="foreach")
-    peer, x_peer = pair.peer.eval(), x
-    if any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in peer.modules()):
-        # as `vitlab bench` gives the peer (CvT's depthwise convs): channels-last memory
-        peer.to(memory_format=torch.channels_last)
-        x_peer = x.contiguous(memory_format=torch.channels_last)
-    step_peer = bench.make_step(pair.peer_forward, peer, "infer", x_peer, y, dtype=torch.bfloat16,
-                                fast=False, device=cpu, optimizer="fused")
+    step_ours, step_peer = inference_steps(args.model)
     for _ in range(2):
         step_ours()
         step_peer()

@@ -26,20 +26,13 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=8)
     args = ap.parse_args(argv)
 
+    from _pair import inference_steps
+
     from vitlab import bench
     from vitlab.models import fast
 
-    cpu = torch.device("cpu")
-    peak = bench.matmul_peak(cpu, torch.bfloat16)  # as the speed table does first
-    torch.manual_seed(0)
-    pair = bench.build_pair("cvt_13", "transformers", 1000, 224)
-    x, y = torch.randn(32, 3, 224, 224), torch.randint(0, 1000, (32,))
-    ours = bench.prepare(pair.ours, "infer", torch.bfloat16, cpu, True, False)
-    step_ours = bench.make_step(ours, ours, "infer", x, y, dtype=torch.bfloat16, fast=True, device=cpu,
-                                optimizer="foreach")
-    peer = pair.peer.eval().to(memory_format=torch.channels_last)  # as `vitlab bench` gives CvT's peer
-    step_peer = bench.make_step(pair.peer_forward, peer, "infer", x.contiguous(memory_format=torch.channels_last),
-                                y, dtype=torch.bfloat16, fast=False, device=cpu, optimizer="fused")
+    peak = bench.matmul_peak(torch.device("cpu"), torch.bfloat16)  # as the speed table does first
+    step_ours, step_peer = inference_steps("cvt_13")
 
     def timed(fn):
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
