@@ -1,6 +1,7 @@
 """vitlab's and the peer's bf16 inference steps for one model, prepared as `vitlab.bench.run_benchmark`
-prepares them (batch 32, 224 px; the peer from `transformers`, channels-last where it has depthwise
-convolutions), for the experiments that time the two outside `run_benchmark`."""
+prepares them (batch 32, 224 px; the peer from `transformers`, or for ConvMixer the paper's definition in
+plain PyTorch as the speed table has it; channels-last where it has depthwise convolutions), for the
+experiments that time the two outside `run_benchmark`."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,8 @@ def inference_steps(model: str, batch_size: int = 32, img_size: int = 224):
 
     torch.manual_seed(0)
     cpu = torch.device("cpu")
-    pair = bench.build_pair(get_spec(model).name, "transformers", 1000, img_size)
+    name = get_spec(model).name
+    pair = bench.build_pair(name, "paper" if name.startswith("convmixer") else "transformers", 1000, img_size)
     x, y = torch.randn(batch_size, 3, img_size, img_size), torch.randint(0, 1000, (batch_size,))
     ours = bench.prepare(pair.ours, "infer", torch.bfloat16, cpu, True, False)
     step_ours = bench.make_step(ours, ours, "infer", x, y, dtype=torch.bfloat16, fast=True, device=cpu,

@@ -95,10 +95,11 @@ def _plain_context() -> bool:
 
 
 # ----------------------------------------------------------------------------- allocator
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters (malloc.h)
+GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX: pass it to `tune_cpu_allocator` to allow mmap again
 
 
-def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30, mmap_max: int = 0) -> bool:
     """Keep freed CPU tensor memory in the process for reuse (glibc `mallopt`).
 
     By default glibc serves every large allocation (tensors of a few MB and up: activations
@@ -107,8 +108,14 @@ def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <
     made element-wise kernels (GELU, residual adds) and fresh matmul outputs 30-50% slower
     than their memory bandwidth allows. Raising the mmap threshold (to its 32 MiB maximum)
     and the trim threshold keeps that memory in the heap, as tcmalloc/jemalloc would.
+    `mmap_max=0` (the default) also serves blocks over 32 MiB from the heap: no mmap at all.
+    Those are the activations of wide models at batch 32 (ConvMixer-768/32: 50 MB in bf16);
+    the paper's ConvMixer page-faulted 2.8 million times per inference step without it (5.7 s,
+    of which 5 s in the kernel) and not at all with it (3.5 s; docs/speed.md, "Session 11").
+    `mmap_max=GLIBC_MMAP_MAX` keeps glibc's mmap for those.
     Process-wide (it helps every library in the process equally); returns False where glibc
-    is not the allocator. Memory is not leaked: it is reused by later allocations.
+    is not the allocator. Memory is not leaked: it is reused by later allocations, and up to
+    `trim_threshold` bytes of free memory at the heap's top are kept, the rest given back.
     """
     import ctypes
     import ctypes.util
@@ -117,6 +124,7 @@ def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
         ok = libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and ok
+        ok = libc.mallopt(_M_MMAP_MAX, int(mmap_max)) == 1 and ok
     except (OSError, AttributeError):
         return False
     _STATE["allocator_tuned"] = ok

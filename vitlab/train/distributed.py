@@ -7,6 +7,7 @@ writes logs and checkpoints.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -65,9 +66,22 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev, created_group=True)
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, completed: bool = True) -> None:
+    """Leave the process group this run created.
+
+    Why not just `destroy_process_group()`: the DDP / FSDP wrappers hold the group (and gloo's
+    worker threads) through reference cycles; left to the interpreter's exit, their destructors
+    can run after Python is torn down and abort the process ("terminate called without an active
+    exception") although the run had finished. So the cycles are collected first, and after a
+    completed run both ranks meet at a barrier, so neither closes its connections while the other
+    still uses them. After a failure there is no barrier: the other rank may be gone, and waiting
+    for it would hang."""
     if info.created_group and dist.is_initialized():
+        gc.collect()
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

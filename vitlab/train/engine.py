@@ -247,11 +247,14 @@ def fit(cfg: TrainConfig, model: nn.Module | None = None, bundle=None, verbose: 
     complete config (the CLI, which knows which options were given)."""
     info = D.init_distributed(cfg.device)
     threads = torch.get_num_threads()
+    completed = False
     try:
-        return _fit(cfg, info, model, bundle, verbose, merge_resume)
+        result = _fit(cfg, info, model, bundle, verbose, merge_resume)
+        completed = True
+        return result
     finally:
         torch.set_num_threads(threads)  # the thread count is process state: leave it as found
-        D.shutdown(info)
+        D.shutdown(info, completed)
 
 
 def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, verbose: bool,
