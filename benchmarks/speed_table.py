@@ -141,6 +141,54 @@ def model_rows_in_fresh_process(args, name: str, peak: float) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def allocator_steps(name: str, tuned: bool, steps: int, batch_size: int) -> dict:
+    """In this (fresh) process, glibc as shipped or after `tune_cpu_allocator`: vitlab's and the
+    peer's inference steps as the main table times them (alternating, one warm-up each)."""
+    if tuned:
+        fast.tune_cpu_allocator()
+    compare = "paper" if name.startswith("convmixer") else "transformers"
+    ours, peer = bench.run_benchmark(name, mode="infer", batch_size=batch_size, img_size=224, dtype="bf16",
+                                     steps=steps, warmup=1, compare=compare, peak=1.0, measure_memory=False)
+    return dict(ours=ours.times, peer=peer.times, peer_impl=peer.impl)
+
+
+ALLOCATOR_ROWS = [("ViT-S/16", "vit_s16", 3, 3), ("ConvMixer-768/32", "convmixer_768_32", 2, 2)]  # rounds, steps
+
+
+def allocator_rows(args, lines: list[str]) -> None:
+    """The allocator rows of the fast-path table. glibc's settings cannot be put back once changed,
+    and a heap grown by earlier rows serves large blocks without page faults (docs/speed.md,
+    "Session 11"), so each variant runs in its own fresh process: as shipped ("before") and with
+    `tune_cpu_allocator` ("after"), alternating process by process, round by round."""
+    B = args.batch_size
+    for label, name, rounds, steps in ALLOCATOR_ROWS:
+        if args.quick:
+            rounds, steps = 1, 1
+        res = {False: [], True: []}
+        for r in range(rounds):
+            for tuned in ((False, True) if r % 2 == 0 else (True, False)):
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--_allocator-steps", name,
+                       "--_tuned", str(int(tuned)), "--steps", str(steps), "--batch-size", str(B)]
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+                if proc.returncode != 0:
+                    raise SystemExit(f"the allocator rows of {name} failed (exit {proc.returncode}); "
+                                     "its messages are above")
+                res[tuned].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        med = statistics.median
+        t = {(side, tuned): _Timed([med(x[side]) for x in res[tuned]]) for side in ("ours", "peer")
+             for tuned in (False, True)}
+        both_tuned = med([b / a for x in res[True] for a, b in zip(x["ours"], x["peer"])])
+        as_shipped = med([b / a for x in res[False] for a, b in zip(x["ours"], x["peer"])])
+        before = "glibc as shipped"
+        _row(lines, "CPU allocator keeps freed memory (`tune_cpu_allocator`)", f"{label} infer, vitlab", before,
+             t["ours", False], "tuned", t["ours", True], B, f"each variant in {rounds} fresh process"
+             f"{'es' if rounds > 1 else ''} ({steps} timed steps each); the main table runs every "
+             "implementation as shipped")
+        _row(lines, "the same, given to the peer", f"{label} infer, {res[True][0]['peer_impl']}", before,
+             t["peer", False], "tuned", t["peer", True], B, f"vitlab / peer: {as_shipped:.2f}x as shipped, "
+             f"{both_tuned:.2f}x with both tuned")
+
+
 def main_table(args, peak: float) -> tuple[str, list[dict]]:
     rows, lines = [], []
     lines.append("| model | step | vitlab img/s | peer | peer img/s | vitlab / peer | target | vitlab TFLOP/s | "
@@ -494,50 +542,8 @@ def fast_path_table(args) -> str:
         _row(lines, "torch.compile of the blocks (`compile_blocks`)", "ViT-S/16 infer (bf16, fast eager paths)",
              "eager", r["eager"], "compiled", r["compiled"], B,
              f"compile time {compile_s:.0f} s; {'pays' if r['compiled'] < 0.95 * r['eager'] else 'does not pay here: off by default'}")
-    # 8. (last: mallopt settings stay for the rest of the process) glibc's initial settings with
-    # the free memory given back before every step (`malloc_trim`: the rows before this one grew
-    # the heap, and a fresh process has no such reserve), so large tensors come from fresh pages
-    # that fault, as in a fresh process ("before"), against `tune_cpu_allocator` ("after"): for
-    # vitlab and for the peer, ViT-S/16 and the paper's ConvMixer-768/32, whose 50 MB activations
-    # are over glibc's 32 MB mmap limit. The main table runs every implementation as shipped.
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-
-    def with_alloc(tuned, forward, autocast):
-        def f():
-            if tuned:
-                fast.tune_cpu_allocator()
-            else:
-                fast.tune_cpu_allocator(128 << 10, 128 << 10, fast.GLIBC_MMAP_MAX)  # glibc's initial values
-                libc.malloc_trim(0)
-            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-                forward()
-        return f
-
-    before_label = "glibc's initial settings, free memory returned"
-    for model, name, peer_label in (("vit_s16", "ViT-S/16", "transformers"),
-                                    ("convmixer_768_32", "ConvMixer-768/32", "paper (plain PyTorch)")):
-        torch.manual_seed(0)
-        pair = bench.build_pair(model, "paper" if model.startswith("convmixer") else "transformers")
-        m = fast.optimize_for_inference(pair.ours)
-        peer, xp = pair.peer.eval(), x
-        if model.startswith("convmixer"):  # as the main table gives the peer
-            peer.to(memory_format=torch.channels_last)
-            xp = x.contiguous(memory_format=torch.channels_last)
-        n = steps if model == "vit_s16" else CONVMIXER_TRAIN_STEPS
-        r = _alternate({"default": with_alloc(False, lambda: m(x), False),
-                        "tuned": with_alloc(True, lambda: m(x), False),
-                        "peer_default": with_alloc(False, lambda: pair.peer_forward(xp), True),
-                        "peer_tuned": with_alloc(True, lambda: pair.peer_forward(xp), True)}, n)
-        _row(lines, "CPU allocator keeps freed memory (`tune_cpu_allocator`)", f"{name} infer, vitlab", before_label,
-             r["default"], "tuned", r["tuned"], B, "measured last; the main table runs every implementation with "
-             "glibc's defaults, as shipped")
-        _row(lines, "the same, given to the peer", f"{name} infer, {peer_label}", before_label,
-             r["peer_default"], "tuned", r["peer_tuned"], B, f"what the peer would gain from it; with it, vitlab / "
-             f"peer: {_speedup(r['peer_tuned'], r['tuned']):.2f}x")
-        del peer, pair, m
-    libc.malloc_trim(0)
+    # 8. what `tune_cpu_allocator` gives vitlab and the peer, each variant in fresh processes
+    allocator_rows(args, lines)
 
     return "\n".join(lines)
 
@@ -557,7 +563,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/RESULTS.md")
     ap.add_argument("--_model-rows", dest="model_rows", default=None, help=argparse.SUPPRESS)  # child process
     ap.add_argument("--_peak", dest="peak", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_allocator-steps", dest="allocator_steps", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_tuned", dest="tuned", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.allocator_steps:  # one allocator variant, in the fresh process `allocator_rows` started
+        print(json.dumps(allocator_steps(args.allocator_steps, bool(args.tuned), args.steps, args.batch_size)))
+        return 0
     if args.model_rows:  # one model's rows, in the fresh process `model_rows_in_fresh_process` started
         print(json.dumps(model_rows(args, args.model_rows, args.peak)))
         return 0
