@@ -107,7 +107,7 @@ FAST_PATH_STEPS = 7
 
 def model_rows(args, name: str, peak: float) -> list[dict]:
     """One model's inference and training rows, vitlab and the peer alternating step by step."""
-    compare = "paper" if name.startswith("convmixer") else "transformers"
+    compare = peer_of(name)
     out = []
     for mode in ("infer", "train"):
         steps = args.steps if mode == "infer" else args.train_steps
@@ -132,13 +132,23 @@ def model_rows_in_fresh_process(args, name: str, peak: float) -> list[dict]:
     them, so the peer's large temporaries stopped page-faulting (transformers' CvT-13 inference:
     about 200,000 minor faults per step in a fresh process, none after the ViT-S/16 rows; its step
     560-640 ms instead of 780-850) and a row's ratio depended on the rows before it."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_model-rows", name, "--_peak", repr(peak),
-           "--steps", str(args.steps), "--train-steps", str(args.train_steps), "--warmup", str(args.warmup),
-           "--batch-size", str(args.batch_size)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    return _child(f"the rows of {name}", "--_model-rows", name, "--_peak", repr(peak), "--steps", str(args.steps),
+                  "--train-steps", str(args.train_steps), "--warmup", str(args.warmup),
+                  "--batch-size", str(args.batch_size))
+
+
+def _child(what: str, *argv: str):
+    """Run this script in a fresh Python process with `argv`; its last stdout line is JSON."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], stdout=subprocess.PIPE,
+                          text=True, check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"the rows of {name} failed (exit {proc.returncode}); its messages are above")
+        raise SystemExit(f"{what} failed (exit {proc.returncode}); its messages are above")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peer_of(name: str) -> str:
+    """The speed table's peer: the paper's plain-PyTorch ConvMixer, else `transformers`."""
+    return "paper" if name.startswith("convmixer") else "transformers"
 
 
 def allocator_steps(name: str, tuned: bool, steps: int, batch_size: int) -> dict:
@@ -146,9 +156,8 @@ def allocator_steps(name: str, tuned: bool, steps: int, batch_size: int) -> dict
     peer's inference steps as the main table times them (alternating, one warm-up each)."""
     if tuned:
         fast.tune_cpu_allocator()
-    compare = "paper" if name.startswith("convmixer") else "transformers"
     ours, peer = bench.run_benchmark(name, mode="infer", batch_size=batch_size, img_size=224, dtype="bf16",
-                                     steps=steps, warmup=1, compare=compare, peak=1.0, measure_memory=False)
+                                     steps=steps, warmup=1, compare=peer_of(name), peak=1.0, measure_memory=False)
     return dict(ours=ours.times, peer=peer.times, peer_impl=peer.impl)
 
 
@@ -167,13 +176,8 @@ def allocator_rows(args, lines: list[str]) -> None:
         res = {False: [], True: []}
         for r in range(rounds):
             for tuned in ((False, True) if r % 2 == 0 else (True, False)):
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--_allocator-steps", name,
-                       "--_tuned", str(int(tuned)), "--steps", str(steps), "--batch-size", str(B)]
-                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-                if proc.returncode != 0:
-                    raise SystemExit(f"the allocator rows of {name} failed (exit {proc.returncode}); "
-                                     "its messages are above")
-                res[tuned].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                res[tuned].append(_child(f"the allocator rows of {name}", "--_allocator-steps", name, "--_tuned",
+                                         str(int(tuned)), "--steps", str(steps), "--batch-size", str(B)))
         med = statistics.median
         t = {(side, tuned): _Timed([med(x[side]) for x in res[tuned]]) for side in ("ours", "peer")
              for tuned in (False, True)}
