@@ -48,15 +48,22 @@ def bf16_ulps():
     return lambda got, exact: (got.double() - exact).abs() / 2.0 ** (torch.floor(torch.log2(exact.abs())) - 7)
 
 
-@pytest.fixture(scope="session")
-def mod():
-    """vitlab's compiled CPU kernels (vitlab.models.cpu_kernels); the test skips, with the reason, where they cannot be built."""
+@pytest.fixture(scope="session", params=["amx", "avx512_bf16"])
+def mod(request):
+    """vitlab's compiled CPU kernels (vitlab.models.cpu_kernels), once with attention's products on
+    AMX tiles and once as AVX-512 BF16 dot products; a test skips, with the reason, where the
+    kernels cannot be built or the CPU has no AMX."""
     from vitlab.models import cpu_kernels
 
     m = cpu_kernels.get()
     if m is None:
         pytest.skip(f"vitlab's CPU kernels are not available here: {cpu_kernels.unavailable_reason()}")
-    return m
+    default = cpu_kernels.isa() == "AMX"
+    if cpu_kernels.use_amx(request.param == "amx") != (request.param == "amx"):
+        cpu_kernels.use_amx(default)
+        pytest.skip("this CPU (or OS) offers no AMX tiles: the AVX-512 BF16 run covers the kernels here")
+    yield m
+    cpu_kernels.use_amx(default)
 
 
 def _grad_fn_names(t: torch.Tensor) -> set[str]:

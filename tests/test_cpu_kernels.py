@@ -282,8 +282,8 @@ def test_a_build_announces_itself_and_a_failed_build_falls_back_with_the_reason(
 
     class Built:
         @staticmethod
-        def available():
-            return True
+        def use_amx(want):
+            return False
 
     monkeypatch.setattr(cpu_kernels, "_why_not", lambda: None)
     monkeypatch.setattr(cpu_kernels, "_built", lambda name: False)

@@ -1,17 +1,19 @@
-// vitlab's CPU kernels for bf16 inference on CPUs with AMX (built at first use by
-// vitlab/models/cpu_kernels.py; every caller falls back to PyTorch's kernels without them).
+// vitlab's CPU kernels for bf16 inference and training on x86-64 CPUs with AVX-512 BF16 (built at
+// first use by vitlab/models/cpu_kernels.py; every caller falls back to PyTorch's kernels without them).
 //
 // attention: softmax(scale * Q K^T) V per (batch, head) in blocks of 32 query rows, with the whole
 //   key row in one block (no online softmax: ViT/CvT rows have at most a few thousand keys). Q K^T
-//   and P V run on AMX tiles programmed here (2x2 blocks of 16x16 output tiles, so each loaded tile
-//   feeds two products and four accumulators stay independent), with K^T and V packed in VNNI
-//   pairs once per (batch, head) (K^T by 16x16 register transposes); the softmax runs in AVX-512
-//   with a base-2 exponential and leaves the probabilities unnormalised (rounded to bf16 for P V,
-//   as in PyTorch's kernel); the 1/sum is applied to the 64-wide output rows instead of the
-//   probability rows; the output is written straight into the (B, Nq, H*d) layout the output
-//   projection reads. Why hand-written: PyTorch's CPU SDPA spends most of its time outside the
-//   products at ViT shapes, and oneDNN's brgemm calls cost more than the 16-row products they run
-//   (docs/speed.md: 1.9x SDPA at ViT-S/16).
+//   and P V are products of 2x2 blocks of 16x16 output tiles (so each loaded tile feeds two
+//   products and four accumulators stay independent), with K^T and V packed in VNNI pairs once per
+//   (batch, head) (K^T by 16x16 register transposes). On AMX CPUs the tiles are AMX tiles programmed
+//   here; elsewhere (AMD Zen 4, Intel Ice Lake / Cooper Lake) the same VNNI-packed operands go through
+//   AVX-512 BF16 dot products (vdpbf16ps) in register blocks (`use_amx` picks, at run time). The
+//   softmax runs in AVX-512 with a base-2 exponential and leaves the probabilities unnormalised
+//   (rounded to bf16 for P V, as in PyTorch's kernel); the 1/sum is applied to the 64-wide output
+//   rows instead of the probability rows; the output is written straight into the (B, Nq, H*d)
+//   layout the output projection reads. Why hand-written: PyTorch's CPU SDPA spends most of its time
+//   outside the products at ViT shapes, and oneDNN's brgemm calls cost more than the 16-row products
+//   they run (docs/speed.md: 1.9x SDPA at ViT-S/16 on AMX).
 // layer_norm: four rows at a time, three passes over L1-resident data (mean, centred variance,
 //   affine) in float32.
 #include <torch/extension.h>
@@ -32,6 +34,10 @@ bool amx_permitted() {
   return ok;
 }
 
+// The products' unit: AMX tiles, or AVX-512 BF16 dot products (set by use_amx; false until then, so
+// an AMX instruction never runs on a CPU without AMX)
+bool g_amx = false;
+
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -39,6 +45,7 @@ struct alignas(64) TileConfig {
 };
 
 void configure_tiles() {
+  if (!g_amx) return;
   TileConfig c;
   for (int i = 0; i < 8; ++i) { c.colsb[i] = 64; c.rows[i] = 16; }
   _tile_loadconfig(&c);
@@ -140,8 +147,8 @@ inline void transpose16(__m512i r[16]) {
 // Every loaded tile feeds two products, and four independent accumulators keep AMX busy.
 // A_r step s: a + r*arow + s*astep (row stride lda bytes); B_c step s: b + s*bstep + c*bcol (stride ldb).
 template <int RB, int CB>
-inline void tile_block(const char* a, int64_t lda, int64_t arow, int64_t astep, const char* b, int64_t ldb, int64_t bstep,
-                       int64_t bcol, int64_t ksteps, float* c, int64_t ldc, int64_t crow) {
+inline void amx_block(const char* a, int64_t lda, int64_t arow, int64_t astep, const char* b, int64_t ldb, int64_t bstep,
+                      int64_t bcol, int64_t ksteps, float* c, int64_t ldc, int64_t crow) {
   _tile_zero(0); if (CB > 1) _tile_zero(1); if (RB > 1) _tile_zero(2); if (RB > 1 && CB > 1) _tile_zero(3);
   for (int64_t s = 0; s < ksteps; ++s) {
     _tile_loadd(4, a + s * astep, lda);
@@ -153,6 +160,61 @@ inline void tile_block(const char* a, int64_t lda, int64_t arow, int64_t astep, 
   }
   _tile_stored(0, c, ldc); if (CB > 1) _tile_stored(1, c + 16, ldc);
   if (RB > 1) { _tile_stored(2, c + crow, ldc); if (CB > 1) _tile_stored(3, c + crow + 16, ldc); }
+}
+
+// The same block product without AMX: 8 output rows x CB column tiles at a time in registers (8 x 2
+// accumulators: enough independent chains for vdpbf16ps' latency, with B's rows loaded once per 8
+// rows from L1). For each pair step r of a k step, B's row r (16 words, one bf16 pair per column) is
+// multiplied by row i's pair r broadcast to every lane: exactly AMX's dpbf16ps, one row at a time.
+template <int RB, int CB>
+inline void avx512_block(const char* a, int64_t lda, int64_t arow, int64_t astep, const char* b, int64_t ldb, int64_t bstep,
+                         int64_t bcol, int64_t ksteps, float* c, int64_t ldc, int64_t crow) {
+  constexpr int G = 8;
+  for (int64_t g0 = 0; g0 < 16 * RB; g0 += G) {
+    const char* ag = a + (g0 / 16) * arow + (g0 % 16) * lda;
+    float* cg = c + (g0 / 16) * crow + (g0 % 16) * (ldc / 4);
+    __m512 acc[G][CB];
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i)
+#pragma GCC unroll 2
+      for (int j = 0; j < CB; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < ksteps; ++s) {
+      const char* as = ag + s * astep; const char* bs = b + s * bstep;
+#pragma GCC unroll 2
+      for (int r = 0; r < 16; ++r) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bs + r * ldb);
+        const __m512bh b1 = CB > 1 ? (__m512bh)_mm512_loadu_si512(bs + r * ldb + bcol) : b0;
+#pragma GCC unroll 8
+        for (int i = 0; i < G; ++i) {
+          int32_t pair;
+          std::memcpy(&pair, as + i * lda + 4 * r, 4);
+          const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+          if (CB > 1) acc[i][CB - 1] = _mm512_dpbf16_ps(acc[i][CB - 1], av, b1);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i)
+#pragma GCC unroll 2
+      for (int j = 0; j < CB; ++j) _mm512_storeu_ps(cg + i * (ldc / 4) + 16 * j, acc[i][j]);
+  }
+}
+
+// One 2x2 block of 16x16 output tiles (see amx_block for the operands' layout; ldc in bytes)
+template <int RB, int CB>
+inline void tile_block(const char* a, int64_t lda, int64_t arow, int64_t astep, const char* b, int64_t ldb, int64_t bstep,
+                       int64_t bcol, int64_t ksteps, float* c, int64_t ldc, int64_t crow) {
+  if (g_amx) amx_block<RB, CB>(a, lda, arow, astep, b, ldb, bstep, bcol, ksteps, c, ldc, crow);
+  else avx512_block<RB, CB>(a, lda, arow, astep, b, ldb, bstep, bcol, ksteps, c, ldc, crow);
+}
+
+// What a parallel region that used tiles hands back: the tile state, and ATen's cached tile
+// configuration, which is stale now (so its next brgemm reconfigures)
+inline void release_tiles() {
+  if (!g_amx) return;
+  _tile_release();
+  at::native::cpublas::brgemm_release();
 }
 
 // C (16*RB rows x 16*nblocks fp32, row stride ldc floats) = A (bf16 rows) x B (VNNI), two column blocks at a time
@@ -218,7 +280,7 @@ void check_qkv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tens
   TORCH_CHECK(q.size(3) % 32 == 0, "head dim must be a multiple of 32");
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) && v.sizes() == k.sizes(),
               "q (B, H, Nq, d), k and v (B, H, N, d) expected");
-  TORCH_CHECK(amx_permitted(), "the OS refused AMX tile state to this process");
+  TORCH_CHECK(!g_amx || amx_permitted(), "the OS refused AMX tile state to this process");
 }
 
 // The forward; lse (B, H, Nq) float32 or null: each row's base-2 log-sum-exp of scale*log2(e)*s
@@ -279,8 +341,7 @@ torch::Tensor attention_impl(const torch::Tensor& q, const torch::Tensor& k, con
         for (int64_t i = 0; i < m; ++i) store_rows(&O[i * d], 1, d, inv[i], op + ((b * Nq + i0 + i) * H + h) * d, 0);
       }
     }
-    _tile_release();
-    at::native::cpublas::brgemm_release();  // ATen's cached tile state is stale now: make it reconfigure
+    release_tiles();
   });
   return out;
 }
@@ -414,8 +475,7 @@ void attention_backward_bf16(torch::Tensor dout, torch::Tensor q, torch::Tensor 
         store_rows(O.data(), m, d, 1.0f, dkp + b * dk.stride(0) + h * dk.stride(1) + j0 * dk.stride(2), dk.stride(2));
       }
     }
-    _tile_release();
-    at::native::cpublas::brgemm_release();
+    release_tiles();
   });
 }
 
@@ -796,7 +856,12 @@ std::vector<torch::Tensor> dwconv_qkv_bf16(torch::Tensor x, int64_t p, int64_t h
   return {q, k, v};
 }
 
-bool available() { return amx_permitted() && at::native::cpublas::could_pack(at::kBFloat16); }
+// Products on AMX tiles when `want` and this CPU and OS allow it (else AVX-512 BF16); returns the choice
+bool use_amx(bool want) {
+  g_amx = want && amx_permitted() && at::native::cpublas::could_pack(at::kBFloat16);
+  return g_amx;
+}
+bool amx_in_use() { return g_amx; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is released while a kernel runs: inference streams (vitlab.models.fast.run_in_streams)
@@ -812,5 +877,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm_stats_bf16", &layer_norm_stats_bf16, nogil);
   m.def("layer_norm_backward_bf16", &layer_norm_backward_bf16, nogil);
   m.def("dwconv_qkv_bf16", &dwconv_qkv_bf16, nogil);
-  m.def("available", &available);
+  m.def("use_amx", &use_amx);
+  m.def("amx_in_use", &amx_in_use);
 }

@@ -1,13 +1,16 @@
 """vitlab's own CPU kernels (fused attention, layer norm, GELU, CvT's depthwise q/k/v projections)
-for bf16 inference on AMX CPUs, and attention, GELU and layer norm with their backward for bf16
-training.
+for bf16 inference, and attention, GELU and layer norm with their backward for bf16 training, on
+x86-64 CPUs with AVX-512 BF16 (Intel Cooper Lake and later, AMD Zen 4 and later). Attention's
+matrix products run on AMX tiles where the CPU has them (Sapphire Rapids and later) and as AVX-512
+BF16 dot products elsewhere; everything else needs AVX-512 BF16 only.
 
 Built from `vitlab/csrc/cpu_kernels.cpp` with `torch.utils.cpp_extension` the first time
 `fast.optimize_for_inference` prepares a bf16 model on such a CPU (about 25 s, once, with a
 notice on stderr; cached under torch's extension directory, keyed by the source's hash). Where
-they cannot be used (no AMX, no C++ compiler or ninja, another OS, `VITLAB_CPU_KERNELS=0`),
+they cannot be used (no AVX-512 BF16, no C++ compiler or ninja, another OS, `VITLAB_CPU_KERNELS=0`),
 `get()` returns None with the reason in `unavailable_reason()`, and every caller uses PyTorch's
-kernels: the kernels are a speed-up, never a requirement.
+kernels: the kernels are a speed-up, never a requirement. `VITLAB_CPU_AMX=0` keeps the products off
+AMX on a CPU that has it (to compare the two, or to test the AVX-512 path there).
 """
 from __future__ import annotations
 
@@ -27,12 +30,26 @@ ENV = "VITLAB_CPU_KERNELS"
 _STATE: dict = {"module": None, "tried": False, "reason": None}
 
 
-def _cpu_has_amx() -> bool:
+AMX_ENV = "VITLAB_CPU_AMX"
+# What the kernels' code needs of the CPU (cpuinfo's names), and what they are compiled for: these
+# instruction sets and nothing else (not -march=native or a CPU's name, which would let the compiler
+# use instructions of the build machine that another CPU running the cached build lacks)
+_NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c")
+_ISA_CFLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
+               "-mamx-tile", "-mamx-bf16", "-mtune=generic"]  # AMX instructions run only where use_amx(True) succeeded
+
+
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "amx_bf16" in flags and "avx512_bf16" in flags
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _cpu_has_amx() -> bool:
+    return {"amx_bf16", "amx_tile"} <= _cpu_flags()
 
 
 def _why_not() -> str | None:
@@ -40,8 +57,9 @@ def _why_not() -> str | None:
         return f"disabled by {ENV}={os.environ[ENV]}"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"built for x86-64 Linux only (this is {platform.system()} {platform.machine()})"
-    if not _cpu_has_amx():
-        return "this CPU has no AMX bf16 unit (the kernels' matrix products need it)"
+    missing = [f for f in _NEEDED_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)} (the kernels need AVX-512 with BF16 instructions)"
     if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
         return "no C++ compiler found (install g++ to build vitlab's CPU kernels)"
     from torch.utils.cpp_extension import is_ninja_available
@@ -60,17 +78,15 @@ def get():
     if reason is None:
         from torch.utils.cpp_extension import load
 
-        tag = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+        tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(_ISA_CFLAGS).encode()).hexdigest()[:10]
         if not _built(f"vitlab_cpu_kernels_{tag}"):  # a silent 25 s pause would look like a hang
             print(f"vitlab: building the CPU kernels (once, about 25 s; {ENV}=0 skips them)", file=sys.stderr, flush=True)
         try:
             # -fopenmp compiles at::parallel_for's OpenMP region; its symbols resolve to the
             # libgomp torch has loaded, so the process keeps one thread pool
-            mod = load(f"vitlab_cpu_kernels_{tag}", [str(SOURCE)], extra_cflags=["-O3", "-march=sapphirerapids", "-fopenmp"])
-            if mod.available():
-                _STATE["module"] = mod
-            else:
-                reason = "oneDNN cannot pack bf16 operands for AMX on this CPU"
+            mod = load(f"vitlab_cpu_kernels_{tag}", [str(SOURCE)], extra_cflags=["-O3", *_ISA_CFLAGS, "-fopenmp"])
+            use_amx(_cpu_has_amx() and os.environ.get(AMX_ENV, "1").strip().lower() not in ("0", "false", "no", "off"), mod)
+            _STATE["module"] = mod
         except Exception as e:  # a failed build must never stop inference: fall back, say why once
             reason = f"the build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})"
             warnings.warn(f"vitlab's CPU kernels are not used: {reason}; PyTorch's kernels run instead "
@@ -87,6 +103,19 @@ def _built(name: str) -> bool:
         return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
     except Exception:  # a private helper of torch: if it moves, only the notice is affected
         return False
+
+
+def use_amx(want: bool, mod=None) -> bool:
+    """Run attention's products on AMX tiles (`want` and the CPU and OS allow it) or as AVX-512 BF16
+    dot products; returns whether AMX is in use. The two compute the same sums in float32."""
+    mod = mod if mod is not None else _STATE["module"]
+    return bool(mod is not None and mod.use_amx(bool(want)))
+
+
+def isa() -> str | None:
+    """What the kernels' products run on ('AMX' or 'AVX-512 BF16'), None without the kernels."""
+    mod = _STATE["module"]
+    return None if mod is None else ("AMX" if mod.amx_in_use() else "AVX-512 BF16")
 
 
 def unavailable_reason() -> str | None:
