@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import vitlab
 from vitlab import bench
 from vitlab.models import convmixer as convmixer_mod
-from vitlab.models import fast
+from vitlab.models import cpu_kernels, fast
 from vitlab.models.layers import Attention
 
 ROWS = [("ViT-S/16", "vit_s16"), ("ViT-B/16", "vit_b16"), ("CvT-13", "cvt_13"), ("ConvMixer-768/32", "convmixer_768_32")]
@@ -195,9 +195,12 @@ def allocator_rows(args, lines: list[str]) -> None:
 
 def main_table(args, peak: float) -> tuple[str, list[dict]]:
     rows, lines = [], []
+    # ceiling: the ratio vitlab would reach at 100% of the measured matrix-product peak (the peer's
+    # time over the time of the step's FLOPs at the peak): a target above it cannot be met on this
+    # machine by any implementation of the same model's arithmetic
     lines.append("| model | step | vitlab img/s | peer | peer img/s | vitlab / peer | target | vitlab TFLOP/s | "
-                 "vitlab % of peak | peer % of peak |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+                 "vitlab % of peak | peer % of peak | ceiling (vitlab at 100% of peak) |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, name in ROWS:
         if args.models and name not in args.models:
             continue
@@ -207,9 +210,10 @@ def main_table(args, peak: float) -> tuple[str, list[dict]]:
             tgt = "-" if target is None else (f">= {target:g}x: " + ("met" if ratio >= target else "NOT met"))
             lines.append(f"| {label} | {mode} | {r['ours']:.1f} | {r['peer_impl']} | {r['peer']:.1f} | "
                          f"{ratio:.2f}x | {tgt} | {r['tflops']:.3f} | {100 * r['frac']:.1f} | "
-                         f"{100 * r['peer_frac']:.1f} |")
+                         f"{100 * r['peer_frac']:.1f} | {1 / r['peer_frac']:.2f}x |")
             rows.append(dict(label=label, model=name, mode=mode, ours=round(r["ours"], 2),
-                             peer=round(r["peer"], 2), ratio=round(ratio, 3)))
+                             peer=round(r["peer"], 2), ratio=round(ratio, 3), frac=round(r["frac"], 4),
+                             peer_frac=round(r["peer_frac"], 4)))
             log(f"  {label} {mode}: vitlab {r['ours']:.1f} img/s, {r['peer_impl']} {r['peer']:.1f} "
                 f"img/s, {ratio:.2f}x ({r['seconds']:.0f} s)")
     return "\n".join(lines), rows
@@ -301,9 +305,9 @@ def fast_path_table(args) -> str:
     if kernels:
         _row(lines, "vitlab's CPU kernels: fused attention + layer norm + GELU (`cpu_kernels`)", "ViT-S/16 infer",
              "PyTorch's SDPA + layer norm + GELU", r["c"], "vitlab kernels", r["k"], B,
-             "attention on AMX tiles + AVX-512 softmax per 32 query rows; GELU by piecewise cubic; on by default where they build")
+             f"attention's products on {cpu_kernels.isa()} + AVX-512 softmax per 32 query rows; GELU by piecewise "
+             f"cubic; on by default where they build")
     else:
-        from vitlab.models import cpu_kernels
         lines.append(f"| vitlab's CPU kernels (`cpu_kernels`) | ViT-S/16 infer | - | - | - | not measured: "
                      f"{cpu_kernels.unavailable_reason()} |")
     if streams > 1:
@@ -615,7 +619,7 @@ def main(argv=None) -> int:
              f"alternating step by step in it; C allocator: glibc's "
              f"defaults for every implementation (as shipped; see the allocator rows of the fast-path table)\n"
              f"- vitlab: `optimize_for_inference` (bf16 weights, fused linear epilogues, GELU in place, CvT's MLP "
-             f"in row blocks, vitlab's CPU kernels on AMX CPUs (attention, else SDPA; layer norm; GELU; CvT's norm1 + depthwise q/k/v projections), BN folding, "
+             f"in row blocks, vitlab's CPU kernels on AVX-512 BF16 CPUs (attention, its products on AMX tiles where the CPU has them, else SDPA; layer norm; GELU; CvT's norm1 + depthwise q/k/v projections; here: {cpu_kernels.isa() if cpu_kernels.get() else 'not used: ' + str(cpu_kernels.unavailable_reason())}), BN folding, "
              f"inference streams (the batch in one part per core: `fast.auto_inference_streams`), "
              f"channels-last for conv models), the last block computing "
              f"only the class token the head reads, and bf16 training with float32 master weights, "
@@ -636,12 +640,14 @@ def main(argv=None) -> int:
     if HISTORY.exists():
         runs = [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()]
     if full_run:
-        run = dict(end=date, code=code, settings=settings, peak_tflops=round(peak / 1e12, 3), peak_end_tflops=round(peak_end / 1e12, 3),
+        run = dict(end=date, code=code, device=device, settings=settings, peak_tflops=round(peak / 1e12, 3), peak_end_tflops=round(peak_end / 1e12, 3),
                    load=round(load, 2), rows=rows)
         with HISTORY.open("a") as f:
             f.write(json.dumps(run) + "\n")
         runs.append(run)
-    same = [r for r in runs if r["code"] == code and r.get("settings") == settings]
+    # one series: the same code, settings and machine (runs before session 12 name no device: they ran
+    # on the 2-core AMX CPU that the project used until then)
+    same = [r for r in runs if r["code"] == code and r.get("settings") == settings and r.get("device") == device]
     if same:
         report += (f"\n## Run-to-run spread\n\nvitlab / peer ratio in every full run of this command on the current "
                    f"vitlab code with these settings (sources fingerprint `{code}`; end times, with the bf16 matmul peak measured at each "

@@ -569,7 +569,8 @@ def _peer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def cpu_model_name() -> str:
     """The CPU's model name from /proc/cpuinfo (platform's name elsewhere), with ", AMX" when
-    the CPU has AMX bf16 tiles (the fast path's hardware)."""
+    the CPU has AMX bf16 tiles, else ", AVX-512 BF16" when it has those instructions (the unit
+    that bf16 products run on, which sets the peak)."""
     name = platform.processor() or platform.machine() or "CPU"
     try:
         with open("/proc/cpuinfo") as f:
@@ -581,6 +582,8 @@ def cpu_model_name() -> str:
             flags = next((ln for ln in f if ln.startswith("flags")), "")
         if "amx_bf16" in flags:
             name += ", AMX"
+        elif "avx512_bf16" in flags:
+            name += ", AVX-512 BF16"
     except OSError:
         pass
     return name
@@ -663,9 +666,10 @@ def run(args) -> int:
         from vitlab.models import cpu_kernels
         used = cpu_kernels.get() is not None
         which = ("fused attention, layer norm, GELU, CvT's q/k/v projections" if r0.mode == "infer"
-                 else "GELU and layer norm, forward and backward")
+                 else "attention, GELU and layer norm, forward and backward")
         print(f"vitlab's CPU kernels ({which}): "
-              + ("in use" if used else f"not used ({cpu_kernels.unavailable_reason()})"))
+              + (f"in use (attention's products on {cpu_kernels.isa()})" if used
+                 else f"not used ({cpu_kernels.unavailable_reason()})"))
     if r0.mode == "infer" and torch.device(args.device).type == "cpu" and not args.reference and not args.compile:
         from vitlab.models import fast
 
