@@ -151,17 +151,20 @@ def peer_of(name: str) -> str:
     return "paper" if name.startswith("convmixer") else "transformers"
 
 
-def allocator_steps(name: str, tuned: bool, steps: int, batch_size: int) -> dict:
+def allocator_steps(name: str, tuned: bool, steps: int, batch_size: int, mode: str = "infer") -> dict:
     """In this (fresh) process, glibc as shipped or after `tune_cpu_allocator`: vitlab's and the
-    peer's inference steps as the main table times them (alternating, one warm-up each)."""
+    peer's steps as the main table times them (alternating, one warm-up each)."""
     if tuned:
         fast.tune_cpu_allocator()
-    ours, peer = bench.run_benchmark(name, mode="infer", batch_size=batch_size, img_size=224, dtype="bf16",
+    ours, peer = bench.run_benchmark(name, mode=mode, batch_size=batch_size, img_size=224, dtype="bf16",
                                      steps=steps, warmup=1, compare=peer_of(name), peak=1.0, measure_memory=False)
     return dict(ours=ours.times, peer=peer.times, peer_impl=peer.impl)
 
 
-ALLOCATOR_ROWS = [("ViT-S/16", "vit_s16", 3, 3), ("ConvMixer-768/32", "convmixer_768_32", 2, 2)]  # rounds, steps
+# label, model, mode, rounds, steps. `vitlab train` tunes the allocator by default on CPU
+# (`cpu_allocator=tuned`); ConvMixer's training row shows why (its steps take 13-45 s: one round)
+ALLOCATOR_ROWS = [("ViT-S/16", "vit_s16", "infer", 3, 3), ("ConvMixer-768/32", "convmixer_768_32", "infer", 2, 2),
+                  ("ConvMixer-768/32", "convmixer_768_32", "train", 1, 1)]
 
 
 def allocator_rows(args, lines: list[str]) -> None:
@@ -170,25 +173,26 @@ def allocator_rows(args, lines: list[str]) -> None:
     "Session 11"), so each variant runs in its own fresh process: as shipped ("before") and with
     `tune_cpu_allocator` ("after"), alternating process by process, round by round."""
     B = args.batch_size
-    for label, name, rounds, steps in ALLOCATOR_ROWS:
+    for label, name, mode, rounds, steps in ALLOCATOR_ROWS:
         if args.quick:
             rounds, steps = 1, 1
         res = {False: [], True: []}
         for r in range(rounds):
             for tuned in ((False, True) if r % 2 == 0 else (True, False)):
                 res[tuned].append(_child(f"the allocator rows of {name}", "--_allocator-steps", name, "--_tuned",
-                                         str(int(tuned)), "--steps", str(steps), "--batch-size", str(B)))
+                                         str(int(tuned)), "--steps", str(steps), "--batch-size", str(B),
+                                         "--_allocator-mode", mode))
         med = statistics.median
         t = {(side, tuned): _Timed([med(x[side]) for x in res[tuned]]) for side in ("ours", "peer")
              for tuned in (False, True)}
         both_tuned = med([b / a for x in res[True] for a, b in zip(x["ours"], x["peer"])])
         as_shipped = med([b / a for x in res[False] for a, b in zip(x["ours"], x["peer"])])
         before = "glibc as shipped"
-        _row(lines, "CPU allocator keeps freed memory (`tune_cpu_allocator`)", f"{label} infer, vitlab", before,
+        _row(lines, "CPU allocator keeps freed memory (`tune_cpu_allocator`)", f"{label} {mode}, vitlab", before,
              t["ours", False], "tuned", t["ours", True], B, f"each variant in {rounds} fresh process"
              f"{'es' if rounds > 1 else ''} ({steps} timed steps each); the main table runs every "
              "implementation as shipped")
-        _row(lines, "the same, given to the peer", f"{label} infer, {res[True][0]['peer_impl']}", before,
+        _row(lines, "the same, given to the peer", f"{label} {mode}, {res[True][0]['peer_impl']}", before,
              t["peer", False], "tuned", t["peer", True], B, f"vitlab / peer: {as_shipped:.2f}x as shipped, "
              f"{both_tuned:.2f}x with both tuned")
 
@@ -417,21 +421,35 @@ def fast_path_table(args) -> str:
          r["cl"], B)
     del cm, cm_bf, cm_bf_cl
 
-    # 4b. ConvMixer training: the depthwise conv in float32 (oneDNN's bf16 depthwise backward is slow)
+    # 4b. ConvMixer training: oneDNN's bf16 depthwise backward is slow (its weight gradient for k >= 5):
+    # the conv in float32 (the fallback), or in bf16 with vitlab's weight-gradient kernel (the default)
     torch.manual_seed(0)
     layer = convmixer_mod.ConvMixerLayer(768, 9, torch.nn.GELU).train().to(torch.bfloat16).to(
         memory_format=torch.channels_last)
     xl = torch.randn(B, 768, 32, 32, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
     xl.requires_grad_(True)
+    fast.use_cpu_kernels(layer)  # builds / loads the kernels (the layer has nothing to swap)
+    kernel_ok = cpu_kernels.depthwise_conv_ok
 
-    def dw_train(f32):
+    def dw_train(how):
         def f():
-            with contextlib.nullcontext() if f32 else fast.reference_mode():
-                layer(xl).float().square().mean().backward()
+            ctx = fast.reference_mode() if how == "bf16" else contextlib.nullcontext()
+            cpu_kernels.depthwise_conv_ok = kernel_ok if how == "kernel" else (lambda *a: False)
+            try:
+                with ctx:
+                    layer(xl).float().square().mean().backward()
+            finally:
+                cpu_kernels.depthwise_conv_ok = kernel_ok
         return f
-    r = _alternate({"bf16": dw_train(False), "f32": dw_train(True)}, max(2, args.train_steps))
-    _row(lines, "depthwise conv in float32 for bf16 training (`fast.conv2d_f32`)",
-         "ConvMixer-768/32 layer, forward + backward", "bf16", r["bf16"], "float32 conv", r["f32"], B)
+    kernel = cpu_kernels.get() is not None
+    r = _alternate({"bf16": dw_train("bf16"), "f32": dw_train("f32"), **({"kernel": dw_train("kernel")} if kernel else {})},
+                   max(2, args.train_steps))
+    _row(lines, "depthwise conv in float32 for bf16 training (`fast.conv2d_f32`, the fallback)",
+         "ConvMixer-768/32 layer (k=9), forward + backward", "bf16 (oneDNN)", r["bf16"], "float32 conv", r["f32"], B)
+    if kernel:
+        _row(lines, "bf16 depthwise conv with vitlab's weight-gradient kernel (`cpu_kernels.depthwise_conv`)",
+             "ConvMixer-768/32 layer (k=9), forward + backward", "float32 conv", r["f32"], "vitlab kernel",
+             r["kernel"], B, f"{_speedup(r['bf16'], r['kernel']):.2f}x oneDNN's bf16; k >= 5, in use by default")
     del layer, xl
 
     # 5. training: bf16 master-weight training vs autocast; fused vs foreach AdamW; checkpointing
@@ -572,10 +590,12 @@ def main(argv=None) -> int:
     ap.add_argument("--_model-rows", dest="model_rows", default=None, help=argparse.SUPPRESS)  # child process
     ap.add_argument("--_peak", dest="peak", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_allocator-steps", dest="allocator_steps", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_allocator-mode", dest="allocator_mode", default="infer", help=argparse.SUPPRESS)
     ap.add_argument("--_tuned", dest="tuned", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.allocator_steps:  # one allocator variant, in the fresh process `allocator_rows` started
-        print(json.dumps(allocator_steps(args.allocator_steps, bool(args.tuned), args.steps, args.batch_size)))
+        print(json.dumps(allocator_steps(args.allocator_steps, bool(args.tuned), args.steps, args.batch_size,
+                                         args.allocator_mode)))
         return 0
     if args.model_rows:  # one model's rows, in the fresh process `model_rows_in_fresh_process` started
         print(json.dumps(model_rows(args, args.model_rows, args.peak)))

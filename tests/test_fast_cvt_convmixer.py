@@ -331,13 +331,17 @@ def test_convmixer_fused_path_not_used_in_training_or_float32():
 
 def test_convmixer_bf16_training_runs_depthwise_in_float32_with_matching_gradients(monkeypatch):
     torch.manual_seed(0)
-    ref = convmixer_mod.ConvMixerLayer(16, 5, nn.GELU).train()
+    # 8 channels: vitlab's bf16 depthwise kernel (16-channel blocks) does not apply, float32 does
+    ref = convmixer_mod.ConvMixerLayer(8, 5, nn.GELU).train()
     _randomize(ref, seed=5)
     lb = copy.deepcopy(ref).to(torch.bfloat16).to(memory_format=torch.channels_last)
     plain = copy.deepcopy(lb)
-    x = torch.randn(2, 16, 9, 9)
+    x = torch.randn(2, 8, 9, 9)
     xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
     assert fast.depthwise_conv_f32_pays(xb, lb.dw) and not fast.depthwise_conv_f32_pays(x, ref.dw)
+    # stride-1 3x3 convs stay in bf16 (oneDNN's fast path for them)
+    assert not fast.depthwise_conv_f32_pays(xb, nn.Conv2d(8, 8, 3, padding=1, groups=8).bfloat16())
+    assert fast.depthwise_conv_f32_pays(xb, nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8).bfloat16())
     ref(x).square().sum().backward()
     seen = []
     real = fast.conv2d_f32

@@ -86,8 +86,9 @@ class ConvMixerLayer(nn.Module):
         if (not self.training and _act_ok(self.dw_act) and _act_ok(self.pw_act)
                 and _fused_ok(x, self.dw, self.dw_norm) and _fused_ok(x, self.pw, self.pw_norm)):
             return self._forward_fused(x)
-        # bf16 training on CPU: the depthwise conv in float32 (its bf16 backward is 1.8x slower)
-        y = fast.conv2d_f32(x, self.dw) if fast.depthwise_conv_f32_pays(x, self.dw) else self.dw(x)
+        # bf16 training on CPU: oneDNN's bf16 depthwise weight gradient is the slow part; vitlab's
+        # kernel computes it where it applies, else the conv runs in float32
+        y = fast.depthwise_conv_bf16_train(x, self.dw) if fast.depthwise_conv_f32_pays(x, self.dw) else self.dw(x)
         x = x + self.dw_norm(self.dw_act(y))
         return self.pw_norm(self.pw_act(self.pw(x)))
 

@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_kernels.cpp"
 ENV = "VITLAB_CPU_KERNELS"
@@ -341,3 +342,61 @@ def _plain() -> bool:
     from vitlab.models.fast import _plain_context, fast_paths_enabled
 
     return fast_paths_enabled() and _plain_context()
+
+
+# Depthwise convolutions in bf16 training: oneDNN computes the forward and the input gradient fast,
+# but its weight gradient for kernels of 5x5 and up took 10-35x longer than vitlab's
+# (`dwconv_weight_grad`; ConvMixer-768/32's 7x7 layer at batch 32 on a 2-core Zen 4: 330-410 ms
+# against 26-28 ms). At 3x3 oneDNN has a fast path of its own (0.4-15 ms), so it keeps those.
+DWCONV_MIN_KERNEL = 5
+
+
+def depthwise_conv_ok(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+    """`depthwise_conv` applies to `conv(x)`: the kernels built, a CPU depthwise conv (one filter per
+    channel, channels a multiple of 16) with a square kernel of DWCONV_MIN_KERNEL or more, equal
+    strides of 1 or 2, symmetric zero padding, no dilation; autograd on; nothing intercepting ops."""
+    k, s, p = conv.kernel_size, conv.stride, conv.padding
+    return (_STATE["module"] is not None and x.device.type == "cpu" and x.dim() == 4 and torch.is_grad_enabled()
+            and conv.groups == conv.in_channels == conv.out_channels and conv.in_channels % 16 == 0
+            and x.shape[1] == conv.in_channels and k[0] == k[1] >= DWCONV_MIN_KERNEL and s[0] == s[1] in (1, 2)
+            and isinstance(p, tuple) and p[0] == p[1] and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and _plain())
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """A bf16 depthwise convolution (channels-last): forward and input gradient by oneDNN, the weight
+    and bias gradients by `dwconv_weight_grad` (summed in float32, in an order that does not depend on
+    the thread count)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+        return F.conv2d(x, weight, bias, stride, padding, 1, weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        C, k = weight.shape[0], weight.shape[-1]
+        g = g.contiguous(memory_format=torch.channels_last)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.aten.convolution_backward(g, x, weight, None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1],
+                                                     False, [0, 0], C, [True, False, False])[0]
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            xc = x.contiguous(memory_format=torch.channels_last)
+            dw, db = _STATE["module"].dwconv_weight_grad(g.permute(0, 2, 3, 1), xc.permute(0, 2, 3, 1), k,
+                                                         ctx.stride, ctx.padding)
+            dw, db = dw.view_as(weight).to(weight.dtype), (db.to(weight.dtype) if ctx.has_bias else None)
+        return dx, dw, db, None, None
+
+
+def depthwise_conv(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """`conv(x)` in bf16 (see `depthwise_conv_ok`), differentiable; under autocast the float32
+    weights are cast for the call as autocast would, and their gradients come back in float32."""
+    dt = torch.bfloat16
+    x = x.to(dt).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", enabled=False):
+        return _DepthwiseConv.apply(x, conv.weight.to(dt), None if conv.bias is None else conv.bias.to(dt),
+                                    conv.stride[0], conv.padding[0])

@@ -206,14 +206,30 @@ def linear(x: torch.Tensor, layer: nn.Linear, act: str | None = None,
 
 
 def depthwise_conv_f32_pays(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """True when a grouped conv about to be trained on CPU in bf16 (weights or autocast) should
-    run in float32 instead: oneDNN's bf16 depthwise-conv backward is several times slower than
-    the float32 one (measured, batch 32, channels-last, forward + backward: ConvMixer-768/32's
-    9x9 layer 1072 vs 593 ms; CvT-13's stride-2 key/value projections 80-100 vs 5-17 ms), far
-    more than the two casts cost. The values are the same up to bf16 rounding of the output."""
+    """True when a grouped conv about to be trained on CPU in bf16 (weights or autocast) should not
+    run as oneDNN's bf16 conv: its backward is several times slower than the float32 one for
+    strided convs and kernels of 5x5 and up (measured, batch 32, channels-last, forward + backward:
+    ConvMixer-768/32's 9x9 layer 1072 vs 593 ms on the AMX CPU; CvT-13's stride-2 key/value
+    projections 35-40 vs 3-12 ms on the AMX and the Zen 4 CPU), far more than the two casts cost.
+    Stride-1 3x3 convs stay in bf16: oneDNN has a fast path for them (ConvMixer-768/32 widths with
+    k=3 on the Zen 4 CPU: 38 ms in bf16, 65 ms in float32). `depthwise_conv_bf16_train` is the
+    replacement. The values are the same up to bf16 rounding of the output."""
     return (_STATE["enabled"] and x.device.type == "cpu" and conv.groups > 1 and torch.is_grad_enabled()
+            and (conv.stride != (1, 1) or max(conv.kernel_size) >= 5)
             and (x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
                                                and torch.get_autocast_dtype("cpu") == torch.bfloat16)))
+
+
+def depthwise_conv_bf16_train(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """`conv(x)` for a depthwise conv trained on CPU in bf16 (where `depthwise_conv_f32_pays`), the
+    fastest correct way: in bf16 with vitlab's weight-gradient kernel for 5x5 kernels and larger
+    (`cpu_kernels.depthwise_conv`: ConvMixer's 7x7 and 9x9 layers train 2.2-2.6x faster than in
+    float32, without the casts), else in float32. Returns bf16."""
+    from vitlab.models import cpu_kernels as ck
+
+    if ck.depthwise_conv_ok(x, conv):
+        return ck.depthwise_conv(x, conv)
+    return conv2d_f32(x, conv)
 
 
 def conv2d_f32(x: torch.Tensor, conv: nn.Conv2d, out_dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:

@@ -303,6 +303,10 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
 
     device = info.device
     amp_dtype = cfg.amp_dtype(device.type)
+    if device.type == "cpu" and cfg.cpu_allocator == "tuned":
+        from ..models import fast
+
+        fast.tune_cpu_allocator()  # process-wide; a no-op where glibc is not the allocator
     raw = model.to(device)
     if device.type == "cpu" and amp_dtype == torch.bfloat16:
         from ..models import fast
