@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vitlab.errors import DataError
+from vitlab.errors import ConfigError, DataError
 from vitlab.train import evaluate, finetune, load_model, predict
 from vitlab.train.config import TrainConfig
 from vitlab.train.engine import fit
@@ -129,3 +129,19 @@ def test_predict_bad_image_names_the_file(digits_run, tmp_path):
     Image.new("L", (8, 8), 0).save(good)
     (res,) = predict(digits_run.run_dir, [good], topk=20)
     assert len(res["top"]) == 10 and sum(t["prob"] for t in res["top"]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("setting, tuned", [("tuned", True), ("system", False)])
+def test_training_on_cpu_tunes_the_allocator_unless_told_not_to(tmp_path, monkeypatch, setting, tuned):
+    from vitlab.models import fast
+
+    calls = []
+    monkeypatch.setattr(fast, "tune_cpu_allocator", lambda *a, **k: calls.append(a) or True)
+    fit(TrainConfig(out=str(tmp_path), name="alloc", epochs=1, max_steps=1, batch_size=64, threads=1,
+                    tensorboard=False, progress=False, cpu_allocator=setting), verbose=False)
+    assert bool(calls) == tuned
+
+
+def test_a_wrong_allocator_setting_names_the_choices():
+    with pytest.raises(ConfigError, match="cpu_allocator.*tuned.*system"):
+        TrainConfig(cpu_allocator="jemalloc").validate()
