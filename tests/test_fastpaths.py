@@ -388,20 +388,18 @@ def test_cli_bench_timm_without_timm_is_one_clear_error():
 
 
 _ALLOC_PROBE = """
-import resource, torch
+import resource, statistics, torch
 from vitlab.models import fast
 
-def faults():  # page faults of 3 allocations of a 64 MB tensor, each written and freed
+def faults():  # page faults of each of 5 allocations of a 64 MB tensor, written and freed (median)
     def one():
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = torch.empty(16 << 20)
         t.fill_(1.0)
         del t
-    one()
-    one()  # the first blocks after a change may land where small allocations then split them
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        one()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    one()  # the first block after a change may land where small allocations then split it
+    return int(statistics.median(one() for _ in range(5)))
 
 before = faults()
 ok = fast.tune_cpu_allocator()
@@ -413,13 +411,14 @@ def test_tune_cpu_allocator_keeps_large_blocks_for_reuse():
     """With glibc's defaults a 64 MB tensor (over glibc's 32 MB mmap limit, like ConvMixer's
     activations) is a fresh mmap every time: every 4 KiB page faults again. After
     `tune_cpu_allocator` it comes from the heap and reuses the pages it had. In a subprocess:
-    the setting is process-wide."""
+    the setting is process-wide. Medians of 5 allocations: the heap may still grow once (one
+    allocation faulting on every page, seen in CI), but not every time."""
     r = subprocess.run([sys.executable, "-c", _ALLOC_PROBE], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     ok, before, after = r.stdout.split()
     if ok != "True":
         pytest.skip("the C allocator here is not glibc's: tune_cpu_allocator does not apply")
-    pages = 3 * (64 << 20) // 4096
+    pages = (64 << 20) // 4096
     assert int(before) > pages // 2, (before, after)  # the defaults fault on (almost) every page
     assert int(after) < pages // 20, (before, after)
 
