@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vitlab.data import load_dataset
     from vitlab.errors import VitlabError
-    from vitlab.models import fast
+    from vitlab.accel import ops as fast
 
     fast.set_attention_kernel(args.attention)
     try:  # fail early, in one line, when the data is missing

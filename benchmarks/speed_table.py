@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import vitlab
 from vitlab import bench
 from vitlab.models import convmixer as convmixer_mod
-from vitlab.models import cpu_kernels, fast
+from vitlab.accel import kernels as cpu_kernels, ops as fast
 from vitlab.models.layers import Attention
 
 ROWS = [("ViT-S/16", "vit_s16"), ("ViT-B/16", "vit_b16"), ("CvT-13", "cvt_13"), ("ConvMixer-768/32", "convmixer_768_32")]
@@ -105,7 +105,7 @@ def log(msg: str) -> None:
 FAST_PATH_STEPS = 7
 
 
-def model_rows(args, name: str, peak: float) -> list[dict]:
+def model_rows(args, name: str, peak: float, dtype: str = "bf16") -> list[dict]:
     """One model's inference and training rows, vitlab and the peer alternating step by step."""
     compare = peer_of(name)
     out = []
@@ -116,7 +116,7 @@ def model_rows(args, name: str, peak: float) -> list[dict]:
             # about 35 s per step and implementation on 2 cores: fewer steps keep the run short
             steps, warmup = min(steps, CONVMIXER_TRAIN_STEPS), 1
         t0 = time.perf_counter()
-        res = bench.run_benchmark(name, mode=mode, batch_size=args.batch_size, img_size=224, dtype="bf16",
+        res = bench.run_benchmark(name, mode=mode, batch_size=args.batch_size, img_size=224, dtype=dtype,
                                   steps=steps, warmup=warmup, compare=compare, peak=peak, measure_memory=False)
         ours, peer = res
         ratio = statistics.median([b / a for a, b in zip(ours.times, peer.times)])
@@ -126,7 +126,7 @@ def model_rows(args, name: str, peak: float) -> list[dict]:
     return out
 
 
-def model_rows_in_fresh_process(args, name: str, peak: float) -> list[dict]:
+def model_rows_in_fresh_process(args, name: str, peak: float, dtype: str = "bf16") -> list[dict]:
     """`model_rows` in a new Python process. Each model gets the state a user's own process would
     have: measured on 2026-11-22, rows run after others in one process inherited a C heap grown by
     them, so the peer's large temporaries stopped page-faulting (transformers' CvT-13 inference:
@@ -134,7 +134,7 @@ def model_rows_in_fresh_process(args, name: str, peak: float) -> list[dict]:
     560-640 ms instead of 780-850) and a row's ratio depended on the rows before it."""
     return _child(f"the rows of {name}", "--_model-rows", name, "--_peak", repr(peak), "--steps", str(args.steps),
                   "--train-steps", str(args.train_steps), "--warmup", str(args.warmup),
-                  "--batch-size", str(args.batch_size))
+                  "--batch-size", str(args.batch_size), "--_dtype", dtype)
 
 
 def _child(what: str, *argv: str):
@@ -221,6 +221,58 @@ def main_table(args, peak: float) -> tuple[str, list[dict]]:
             log(f"  {label} {mode}: vitlab {r['ours']:.1f} img/s, {r['peer_impl']} {r['peer']:.1f} "
                 f"img/s, {ratio:.2f}x ({r['seconds']:.0f} s)")
     return "\n".join(lines), rows
+
+
+# fp32 rows: most CPUs have no native bf16 (AVX2-only AMD and Intel, AVX-512 without BF16), so what
+# users there run is float32, against the peer in float32 (no autocast), alternating in one process
+FP32_ROWS = [("ViT-S/16", "vit_s16"), ("CvT-13", "cvt_13")]
+FP32_TARGET = 1.2
+FP32_BEGIN, FP32_END = "<!-- fp32 rows: begin -->", "<!-- fp32 rows: end -->"
+
+
+def capability_label() -> str:
+    """What the rows ran with, in words: the CPU's vector level and whether bf16 is native."""
+    from vitlab.accel import caps
+
+    c = caps.capabilities()
+    isa = "AMX" if c.has("amx_bf16") else "AVX-512 BF16" if c.has("avx512_bf16") else (
+        "AVX-512" if c.has("avx512f") else "AVX2" if c.has("avx2") else c.arch)
+    capped = f", capped: ATen {c.aten_cpu_capability}" if c.aten_cpu_capability.upper() not in ("AVX512", "AMX") else ""
+    return f"{isa}{capped}, bf16 {'native' if c.cpu_bf16_native else 'emulated'}"
+
+
+def fp32_table(args, peak32: float) -> tuple[str, list[dict]]:
+    lines = [f"Capability: {capability_label()}; torch threads {torch.get_num_threads()}; fp32 weights and "
+             f"activations on both sides (vitlab: `accelerate` / `optimize_for_inference(model, 'fp32')`; the peer: "
+             f"`transformers` as shipped, SDPA where it has it); each model's rows in a fresh process, "
+             f"alternating step by step; target: vitlab >= {FP32_TARGET:g}x the peer.", "",
+             "| model | step | capability | vitlab img/s | peer img/s | vitlab / peer | target | vitlab % of fp32 peak | "
+             "peer % of fp32 peak |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for label, name in FP32_ROWS:
+        if args.models and name not in args.models:
+            continue
+        for r in model_rows_in_fresh_process(args, name, peak32, dtype="fp32"):
+            ok = "met" if r["ratio"] >= FP32_TARGET else "NOT met"
+            lines.append(f"| {label} | {r['mode']} | {capability_label()} | {r['ours']:.1f} | {r['peer']:.1f} | "
+                         f"{r['ratio']:.2f}x | >= {FP32_TARGET:g}x: {ok} | {100 * r['frac']:.1f} | "
+                         f"{100 * r['peer_frac']:.1f} |")
+            rows.append(dict(label=label, model=name, mode=r["mode"], dtype="fp32", ratio=round(r["ratio"], 3)))
+            log(f"  {label} {r['mode']} fp32: vitlab {r['ours']:.1f} img/s, {r['peer_impl']} {r['peer']:.1f} img/s, "
+                f"{r['ratio']:.2f}x")
+    return "\n".join(lines), rows
+
+
+def write_fp32_section(section: str) -> None:
+    """Replace the fp32 section of RESULTS.md (between its markers) or append it."""
+    text = OUT.read_text() if OUT.exists() else "# vitlab speed on this machine\n"
+    block = f"{FP32_BEGIN}\n{section}\n{FP32_END}"
+    if FP32_BEGIN in text and FP32_END in text:
+        head, rest = text.split(FP32_BEGIN, 1)
+        text = head + block + rest.split(FP32_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    OUT.write_text(text)
 
 
 # ----------------------------------------------------------------------------- fast paths
@@ -587,6 +639,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-fast-paths", action="store_true", help="only the main table")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/RESULTS.md")
+    ap.add_argument("--fp32-only", action="store_true", help="only the fp32 rows (ViT-S/16, CvT-13 vs transformers "
+                    "in fp32); replaces their section of RESULTS.md")
+    ap.add_argument("--_dtype", dest="dtype", default="bf16", help=argparse.SUPPRESS)
     ap.add_argument("--_model-rows", dest="model_rows", default=None, help=argparse.SUPPRESS)  # child process
     ap.add_argument("--_peak", dest="peak", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_allocator-steps", dest="allocator_steps", default=None, help=argparse.SUPPRESS)
@@ -598,7 +653,7 @@ def main(argv=None) -> int:
                                          args.allocator_mode)))
         return 0
     if args.model_rows:  # one model's rows, in the fresh process `model_rows_in_fresh_process` started
-        print(json.dumps(model_rows(args, args.model_rows, args.peak)))
+        print(json.dumps(model_rows(args, args.model_rows, args.peak, args.dtype)))
         return 0
     # 21 timed pairs per inference row (11 until session 10): on this shared machine the medians of
     # 5 consecutive per-pair ratios of one run ranged 1.9-2.8x (ViT-S/16), so a median over more
@@ -618,14 +673,24 @@ def main(argv=None) -> int:
     peak32 = bench.matmul_peak(dev, torch.float32)
     device = bench.describe_device(dev)
     log(f"{device}: bf16 matmul peak {peak / 1e12:.2f} TFLOP/s, fp32 {peak32 / 1e12:.2f}")
+    date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    cmd = "python benchmarks/speed_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    f32_table, _ = fp32_table(args, peak32)
+    f32_section = (f"## fp32 rows (CPU)\n\n{device}; fp32 matmul peak {peak32 / 1e12:.2f} TFLOP/s; `{cmd.strip()}`, "
+                   f"{date}; median of {args.steps} inference / {args.train_steps} training steps, batch "
+                   f"{args.batch_size}, 224 px.\n\n{f32_table}\n")
+    if args.fp32_only:
+        print(f32_section)
+        if not args.no_write:
+            write_fp32_section(f32_section)
+            log(f"wrote the fp32 section of {OUT}")
+        return 0
     table, rows = main_table(args, peak)
     fp_table = "" if args.no_fast_paths else fast_path_table(args)
     # measured again at the end: a machine shared with other tenants can change speed during a run
     peak_end = bench.matmul_peak(dev, torch.bfloat16)
     log(f"bf16 matmul peak at the end: {peak_end / 1e12:.2f} TFLOP/s")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    cmd = "python benchmarks/speed_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     facts = (f"- device: {device}; torch {torch.__version__}, Python {platform.python_version()}\n"
              f"- measured bf16 matmul peak: {peak / 1e12:.2f} TFLOP/s (fp32: {peak32 / 1e12:.2f}), the best of a "
              f"4096^2 product and ViT-shaped (6272 x 384|768 x 4 width) products (fp32: 2048^2 and one ViT "
@@ -675,6 +740,7 @@ def main(argv=None) -> int:
                    f"alternating the implementations step by step keeps the ratios usable, but they still move "
                    f"between runs, so a target counts as met only where it holds in every run.\n\n"
                    f"{spread_table(same)}\n")
+    report += f"\n{FP32_BEGIN}\n{f32_section}\n{FP32_END}\n"
     if fp_table:
         report += (f"\n## Fast paths, before and after (CPU)\n\nEach row's variants run alternately, round by round; "
                    f"img/s and ms are medians, the speed-up is the median of the per-round ratios.\n\n{fp_table}\n")

@@ -48,12 +48,28 @@ def bf16_ulps():
     return lambda got, exact: (got.double() - exact).abs() / 2.0 ** (torch.floor(torch.log2(exact.abs())) - 7)
 
 
+def _bf16_reason() -> str:
+    from vitlab.accel import caps
+
+    return caps.capabilities().cpu_bf16_reason
+
+
+@pytest.fixture
+def native_bf16():
+    """Skips (with the reason) where bf16 is not native on this CPU: there the bf16-only fast paths are
+    off by design, and tests/test_accel.py checks that the plain paths run instead."""
+    from vitlab.accel import caps
+
+    if not caps.bf16_native("cpu"):
+        pytest.skip(f"this fast path needs native bf16, and here {_bf16_reason()}")
+
+
 @pytest.fixture(scope="session", params=["amx", "avx512_bf16"])
 def mod(request):
-    """vitlab's compiled CPU kernels (vitlab.models.cpu_kernels), once with attention's products on
+    """vitlab's compiled CPU kernels (vitlab.accel.kernels), once with attention's products on
     AMX tiles and once as AVX-512 BF16 dot products; a test skips, with the reason, where the
     kernels cannot be built or the CPU has no AMX."""
-    from vitlab.models import cpu_kernels
+    from vitlab.accel import kernels as cpu_kernels
 
     m = cpu_kernels.get()
     if m is None:

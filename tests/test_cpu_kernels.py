@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.errors import ConfigError
-from vitlab.models import cpu_kernels, create_model, fast
+from vitlab.accel import kernels as cpu_kernels, ops as fast
+from vitlab.accel import accelerate
+from vitlab.models import create_model as _create_plain
+
+
+def create_model(*args, **kwargs):
+    """The registry's model with vitlab.accel's modules swapped in: these tests check the fast paths."""
+    return accelerate(_create_plain(*args, **kwargs))
 
 
 def _qkv(B, H, Nq, N, d, seed=0, layout="split"):
@@ -135,7 +142,7 @@ def test_mlp_uses_the_gelu_kernel_and_keeps_its_function(mod, monkeypatch):
     from vitlab.models.layers import Mlp
 
     torch.manual_seed(0)
-    mlp = Mlp(64, 256).eval()
+    mlp = accelerate(Mlp(64, 256).eval())
     x = torch.randn(2, 50, 64)
     with torch.no_grad():
         want = mlp(x)
@@ -207,7 +214,7 @@ def test_depthwise_projection_kernel_reads_a_strided_batch(mod):
 
 
 def test_cvt_uses_the_projection_kernel_and_follows_its_weights(mod, monkeypatch):
-    from vitlab.models import cvt
+    from vitlab.accel.modules import FastConvAttention
 
     torch.manual_seed(0)
     m = fast.optimize_for_inference(create_model("cvt_13", num_classes=10))
@@ -219,7 +226,7 @@ def test_cvt_uses_the_projection_kernel_and_follows_its_weights(mod, monkeypatch
         got = m(x).float()
         assert len(calls) == sum(len(st.blocks) for st in m.stages)  # every block, norm1 fused into each
         assert all(c is not None for c in calls)
-        monkeypatch.setattr(cvt.ConvAttention, "_fused_projections", lambda self, *a, **k: None)
+        monkeypatch.setattr(FastConvAttention, "_fused_projections", lambda self, *a, **k: None)
         plain = m(x).float()
         monkeypatch.undo()
         # same function as PyTorch's layer norm + oneDNN's convs (bf16 rounding apart)
@@ -228,7 +235,7 @@ def test_cvt_uses_the_projection_kernel_and_follows_its_weights(mod, monkeypatch
         conv = m.stages[2].blocks[0].attn.conv_proj_k.conv
         conv.weight.mul_(-1.0)
         flipped = m(x).float()
-        monkeypatch.setattr(cvt.ConvAttention, "_fused_projections", lambda self, *a, **k: None)
+        monkeypatch.setattr(FastConvAttention, "_fused_projections", lambda self, *a, **k: None)
         flipped_plain = m(x).float()
     assert not torch.allclose(flipped, got, atol=1e-3)
     assert torch.allclose(flipped, flipped_plain, atol=0.05 * flipped_plain.abs().max().item())
@@ -263,14 +270,16 @@ def test_state_dict_is_unchanged_by_the_kernels(mod):
 def test_unavailable_kernels_fall_back_and_insisting_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_STATE", {"module": None, "tried": False, "reason": None})
     monkeypatch.setenv(cpu_kernels.ENV, "0")
-    m = fast.optimize_for_inference(create_model("vit_ti16", num_classes=5))
-    assert cpu_kernels.unavailable_reason() == f"disabled by {cpu_kernels.ENV}=0"
+    m = fast.optimize_for_inference(create_model("vit_ti16", num_classes=5), "bf16")
+    assert cpu_kernels.static_reason() == f"disabled by {cpu_kernels.ENV}=0"
     assert not any(isinstance(x, cpu_kernels.FastLayerNorm) for x in m.modules())
     assert not any(getattr(x, "cpu_kernel", False) for x in m.modules())
     with torch.no_grad():
         assert m(torch.randn(1, 3, 224, 224)).shape == (1, 5)
     with pytest.raises(ConfigError, match=f"disabled by {cpu_kernels.ENV}=0.*cpu_kernels=False"):
-        fast.optimize_for_inference(create_model("vit_ti16", num_classes=5), cpu_kernels=True)
+        fast.optimize_for_inference(create_model("vit_ti16", num_classes=5), "bf16", cpu_kernels=True)
+    with pytest.raises(ConfigError, match="cpu_kernels=True.*bf16"):  # never silently ignored
+        fast.optimize_for_inference(create_model("vit_ti16", num_classes=5), "fp32", cpu_kernels=True)
     # float32 inference never uses them (the kernels are bf16)
     monkeypatch.setenv(cpu_kernels.ENV, "1")
     m32 = fast.optimize_for_inference(create_model("vit_ti16", num_classes=5), dtype="fp32")

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab import bench
-from vitlab.models import cpu_kernels, create_model, fast
+from vitlab.accel import kernels as cpu_kernels, ops as fast
+from vitlab.accel import accelerate
+from vitlab.models import create_model as _create_plain
+
+
+def create_model(*args, **kwargs):
+    """The registry's model with vitlab.accel's modules swapped in: these tests check the fast paths."""
+    return accelerate(_create_plain(*args, **kwargs))
 from vitlab.models.layers import Mlp
 
 

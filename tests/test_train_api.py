@@ -133,7 +133,7 @@ def test_predict_bad_image_names_the_file(digits_run, tmp_path):
 
 @pytest.mark.parametrize("setting, tuned", [("tuned", True), ("system", False)])
 def test_training_on_cpu_tunes_the_allocator_unless_told_not_to(tmp_path, monkeypatch, setting, tuned):
-    from vitlab.models import fast
+    from vitlab.accel import ops as fast
 
     calls = []
     monkeypatch.setattr(fast, "tune_cpu_allocator", lambda *a, **k: calls.append(a) or True)

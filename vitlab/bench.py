@@ -17,7 +17,7 @@ What one run measures:
   set size says little there because the C allocator keeps freed memory for reuse).
 
 "Fast" is vitlab as shipped: bf16 weights cast once (`optimize_for_inference`), the fused
-linear/attention paths of `vitlab.models.fast`, vitlab's CPU kernels, inference streams on
+linear/attention paths of `vitlab.accel`, vitlab's CPU kernels, inference streams on
 CPUs with 2-4 cores (the batch in one part per core), bf16 training with float32 master weights,
 vitlab's GELU and layer-norm kernels (with their backward) and fused AdamW. `--reference`
 measures the "before": float32 weights under bf16 autocast, plain PyTorch kernels, AdamW's
@@ -39,7 +39,7 @@ from torch import nn
 
 from .errors import ConfigError, did_you_mean
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # and "auto": bf16 where native (vitlab.accel.caps)
 MODES = ("infer", "train")
 PEERS = ("transformers", "timm", "paper")
 
@@ -81,18 +81,36 @@ CPU_PEAK_SHAPES = ((4096, 4096, 4096), (6272, 384, 1536), (6272, 1536, 384), (62
 CUDA_PEAK_SHAPES = ((8192, 8192, 8192), (25088, 768, 3072), (25088, 3072, 768))
 
 
+# The peak measurement's time bound: a shape whose product would take longer than this (predicted
+# from a small product first) is shrunk along M until it fits. Emulated bf16 (CPUs without AVX-512
+# BF16 / AMX: ~35x slower than float32) made the fixed 4096^3 product run for minutes.
+PEAK_SECONDS_PER_SHAPE = 1.5
+
+
 def matmul_peak_by_shape(device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                         shapes=None, reps: int = 5) -> dict[tuple[int, int, int], float]:
+                         shapes=None, reps: int = 5, seconds: float = PEAK_SECONDS_PER_SHAPE
+                         ) -> dict[tuple[int, int, int], float]:
     """FLOP/s of (M x K) @ (K x N) products in `dtype` on `device` for each (M, K, N) in
     `shapes`, measured now: best of `reps`, into a preallocated output (a fresh 30 MB output
-    would add the C allocator's page faults to the product's time)."""
+    would add the C allocator's page faults to the product's time). Each shape's `reps + 1`
+    products are bounded to about `seconds`: M is halved until the predicted time fits (the
+    returned key is the shape actually measured)."""
     device = torch.device(device)
     if shapes is None:
         shapes = CUDA_PEAK_SHAPES if device.type == "cuda" else (
             CPU_PEAK_SHAPES if dtype != torch.float32 else ((2048, 2048, 2048), (6272, 384, 1536)))
     out = {}
     with torch.inference_mode():
+        rate = None
+        if device.type == "cpu":  # a 256^3 product predicts the rest (milliseconds even when emulated)
+            p = torch.randn(256, 256, dtype=dtype)
+            torch.mm(p, p)
+            t = time.perf_counter()
+            torch.mm(p, p)
+            rate = 2 * 256 ** 3 / max(time.perf_counter() - t, 1e-9)
         for m, k, n in shapes:
+            while rate is not None and m > 64 and 2 * m * k * n * (reps + 1) / rate > seconds:
+                m //= 2
             a = torch.randn(m, k, device=device, dtype=dtype)
             b = torch.randn(k, n, device=device, dtype=dtype)
             c = torch.empty(m, n, device=device, dtype=dtype)
@@ -363,7 +381,7 @@ def make_step(forward: Callable, model: nn.Module, mode: str, x: torch.Tensor, y
     fast=False (reference / peer): float32 weights under `dtype` autocast; training uses
     `torch.optim.AdamW` with `optimizer` = 'fused' or 'foreach' (PyTorch's default).
     """
-    from .models import fast as fastmod
+    from .accel import ops as fastmod
 
     if mode == "infer":
         if fast:
@@ -403,7 +421,7 @@ def make_step(forward: Callable, model: nn.Module, mode: str, x: torch.Tensor, y
 
 def in_reference_mode(step: Callable[[], None]) -> Callable[[], None]:
     """The step with vitlab's fast paths switched off (the "before" of every fast path)."""
-    from .models.fast import reference_mode
+    from .accel.ops import reference_mode
 
     def ref_step():
         with reference_mode():
@@ -414,9 +432,13 @@ def in_reference_mode(step: Callable[[], None]) -> Callable[[], None]:
 def prepare(model: nn.Module, mode: str, dtype: torch.dtype, device: torch.device, fast: bool,
             grad_checkpointing: bool = False) -> nn.Module:
     """Move and prepare a model for its benchmark step (see `make_step`)."""
-    from .models import fast as fastmod
+    from .accel import ops as fastmod
+
+    from .accel import accelerate, caps
 
     model = model.to(device)
+    if fast:
+        accelerate(model)
     if grad_checkpointing:
         fastmod.set_grad_checkpointing(model, True)
     if mode == "infer":
@@ -427,7 +449,7 @@ def prepare(model: nn.Module, mode: str, dtype: torch.dtype, device: torch.devic
     if fast:
         if dtype != torch.float32:
             model.to(dtype)
-        if dtype == torch.bfloat16 and device.type == "cpu":
+        if dtype == torch.bfloat16 and device.type == "cpu" and caps.bf16_native("cpu"):
             fastmod.use_cpu_kernels(model)  # GELU and layer norm kernels with their backward, where they build
         if fastmod._has_spatial_convs(model):
             model.to(memory_format=torch.channels_last)
@@ -472,8 +494,12 @@ def run_benchmark(name: str, mode: str = "infer", batch_size: int = 32, img_size
 
     if mode not in MODES:
         raise ConfigError(f"--mode {mode!r} is not valid; choose infer or train")
+    from .accel import caps
+
+    if dtype == "auto":
+        dtype = "bf16" if caps.bf16_native(device) else "fp32"
     if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r} is not valid; choose bf16 or fp32")
+        raise ConfigError(f"--dtype {dtype!r} is not valid; choose auto, bf16 or fp32")
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise ConfigError("--batch-size and --steps must be >= 1 and --warmup >= 0")
     dev = torch.device(device)
@@ -512,7 +538,7 @@ def run_benchmark(name: str, mode: str = "infer", batch_size: int = 32, img_size
 
     compile_s: dict[str, float | None] = {k: None for k in impls}
     if compile:
-        from .models.fast import compile_blocks
+        from .accel.ops import compile_blocks
 
         for key, (step, model) in impls.items():
             if key.startswith("vitlab"):
@@ -568,25 +594,15 @@ def _peer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def cpu_model_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform's name elsewhere), with ", AMX" when
-    the CPU has AMX bf16 tiles, else ", AVX-512 BF16" when it has those instructions (the unit
-    that bf16 products run on, which sets the peak)."""
-    name = platform.processor() or platform.machine() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-            f.seek(0)
-            flags = next((ln for ln in f if ln.startswith("flags")), "")
-        if "amx_bf16" in flags:
-            name += ", AMX"
-        elif "avx512_bf16" in flags:
-            name += ", AVX-512 BF16"
-    except OSError:
-        pass
-    return name
+    """The CPU's model name with the unit bf16 products run on (which sets the peak): ", AMX",
+    ", AVX-512 BF16", or ", AVX2, bf16 emulated" / the widest vector set where bf16 is not native."""
+    from .accel import caps
+
+    c = caps.capabilities()
+    name = c.cpu_model if c.cpu_model != "unknown" else (platform.processor() or platform.machine() or "CPU")
+    if c.cpu_bf16_native:
+        return name + (", AMX" if c.has("amx_bf16") else ", AVX-512 BF16" if c.has("avx512_bf16") else ", native bf16")
+    return name + f", {c.aten_cpu_capability}, bf16 emulated"
 
 
 def describe_device(dev: torch.device) -> str:
@@ -624,7 +640,8 @@ def register(sub) -> None:
     p.add_argument("--mode", default="infer", choices=MODES)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
-    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
+                   help="auto: bf16 where the device runs it natively, else fp32 (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -657,13 +674,18 @@ def run(args) -> int:
     results = run_benchmark(args.model, args.mode, args.batch_size, args.img_size, args.dtype, args.device,
                             args.steps, args.warmup, args.compare, args.compile, args.reference,
                             args.grad_checkpointing, num_classes=args.num_classes)
+    from .accel import caps
+
     r0 = results[0]
     print(f"{r0.model}: {r0.mode}, batch {r0.batch_size}, {r0.img_size} px, {r0.dtype}, on {r0.device}; "
           f"{r0.flops_per_step / 1e9:.1f} GFLOP per step; matmul peak {r0.peak_tflops:.2f} TFLOP/s "
           f"({r0.dtype}, measured now); median of {args.steps} steps")
     print(format_table(results))
+    if r0.dtype == "bf16" and torch.device(args.device).type == "cpu" and not caps.bf16_native("cpu"):
+        print(f"note: bf16 is emulated on this CPU ({caps.capabilities().cpu_bf16_reason}); "
+              f"--dtype fp32 is the fast choice here")
     if r0.dtype == "bf16" and torch.device(args.device).type == "cpu" and not args.reference:
-        from vitlab.models import cpu_kernels
+        from vitlab.accel import kernels as cpu_kernels
         used = cpu_kernels.get() is not None
         which = ("fused attention, layer norm, GELU, CvT's q/k/v projections" if r0.mode == "infer"
                  else "attention, GELU and layer norm, forward and backward")
@@ -671,7 +693,7 @@ def run(args) -> int:
               + (f"in use (attention's products on {cpu_kernels.isa()})" if used
                  else f"not used ({cpu_kernels.unavailable_reason()})"))
     if r0.mode == "infer" and torch.device(args.device).type == "cpu" and not args.reference and not args.compile:
-        from vitlab.models import fast
+        from vitlab.accel import ops as fast
 
         n = fast.auto_inference_streams()
         per = r0.batch_size // max(n, 1)

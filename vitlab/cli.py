@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "vitlab.analysis.cli",    # analyze
     "vitlab.studies.cli",     # pretrain, fewshot, study
     "vitlab.bench",           # bench
+    "vitlab.accel.cli",       # env
 )
 
 

@@ -145,7 +145,8 @@ def _on_off_row(label: str, run, rounds: int) -> str:
 
 
 def model_table(rounds: int) -> str:
-    from vitlab.models import create_model, fast
+    from vitlab.accel import ops as fast
+    from vitlab.models import create_model
 
     rows = ["| model (batch 32, bf16, one stream) | without (ms) | with (ms) | median per-round ratio | "
             "quartiles | max logit diff |", "|---|---|---|---|---|---|"]
@@ -214,7 +215,8 @@ def training_table(ck, mod, rounds: int) -> str:
         case(f"layer norm {shape} ({where})", {"torch": run(plain), "vitlab": run(ours)})
 
     from vitlab import bench
-    from vitlab.models import create_model, fast
+    from vitlab.accel import ops as fast
+    from vitlab.models import create_model
 
     rows += ["", "| bf16 training step (batch 32, fp32 masters) | without (ms) | with (ms) | median per-round ratio | "
              "quartiles |", "|---|---|---|---|---|"]
@@ -240,7 +242,7 @@ def training_table(ck, mod, rounds: int) -> str:
 
 def attention_training_table(ck, rounds: int) -> str:
     """Attention forward + backward: vitlab's kernel pair against PyTorch's explicit products and SDPA."""
-    from vitlab.models import fast
+    from vitlab.accel import ops as fast
 
     rows = ["| shape (B, H, Nq, Nk, d) | where | explicit (ms) | SDPA (ms) | vitlab (ms) | explicit / vitlab | "
             "SDPA / vitlab | rel. err dq, dk, dv vs fp64 (vitlab / explicit) |", "|---|---|---|---|---|---|---|---|"]
@@ -285,7 +287,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     which = {int(t) for t in args.tables.split(",")}
     torch.set_num_threads(args.threads)
-    from vitlab.models import cpu_kernels as ck
+    from vitlab.accel import kernels as ck
 
     t = time.perf_counter()
     mod = ck.get()

@@ -26,7 +26,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from vitlab.bench import time_alternating
-    from vitlab.models import create_model, fast
+    from vitlab.accel import ops as fast
+    from vitlab.models import create_model
 
     x = torch.randn(32, 3, 224, 224)
     print("| model | compile (s) | eager (ms) | frozen (ms) | median eager / frozen | quartiles |\n|---|---|---|---|---|---|")

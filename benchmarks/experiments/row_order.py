@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     from _pair import inference_steps
 
     from vitlab import bench
-    from vitlab.models import fast
+    from vitlab.accel import ops as fast
 
     peak = bench.matmul_peak(torch.device("cpu"), torch.bfloat16)  # as the speed table does first
     step_ours, step_peer = inference_steps(args.model)

@@ -29,7 +29,7 @@ import torch
 
 def imbalance(model, x, forwards: int) -> list[float]:
     """Per forward: the fraction of the forward's time a perfect split of the parts would save."""
-    from vitlab.models import fast
+    from vitlab.accel import ops as fast
 
     real = fast.run_in_streams
     seconds: list[float] = []
@@ -62,7 +62,7 @@ def imbalance(model, x, forwards: int) -> list[float]:
 def stream_pool(pin: bool, n: int) -> ThreadPoolExecutor:
     """n stream threads with one intra-op thread each, as `fast._stream_pool` makes them; `pin`:
     thread k bound to the k-th CPU this process may use."""
-    from vitlab.models import fast
+    from vitlab.accel import ops as fast
 
     cpus = sorted(os.sched_getaffinity(0))
     pool = ThreadPoolExecutor(n, thread_name_prefix="stream-ab")
@@ -84,7 +84,7 @@ def stream_pool(pin: bool, n: int) -> ThreadPoolExecutor:
 
 
 def pinning(model, x, rounds: int, n: int = 2) -> list[float]:
-    from vitlab.models import fast
+    from vitlab.accel import ops as fast
 
     pools = {False: stream_pool(False, n), True: stream_pool(True, n)}
     saved = dict(fast._STREAMS)
@@ -118,7 +118,8 @@ def main(argv=None):
     ap.add_argument("--forwards", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args(argv)
-    from vitlab.models import create_model, fast
+    from vitlab.accel import ops as fast
+    from vitlab.models import create_model
 
     if torch.get_num_threads() != 2:
         print(f"note: {torch.get_num_threads()} intra-op threads; these measurements were made with 2 streams on 2 cores")

@@ -18,55 +18,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, did_you_mean
-from . import fast
 from .layers import check_input, to_2tuple
 from .registry import register_family
 
 ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
-
-
-_HAS_ONEDNN_CONV = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
-_ONEDNN_ACT = {nn.ReLU: ("relu", ""), nn.GELU: ("gelu", "none")}  # "none": exact (erf) GELU
-
-
-def _fused_ok(x: torch.Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> bool:
-    """bf16 channels-last inference on CPU with BatchNorm on running statistics: the
-    oneDNN fused path of `_conv_act_bn` applies (same function, fewer memory passes)."""
-    if not (_HAS_ONEDNN_CONV and fast.fast_paths_enabled() and x.device.type == "cpu" and x.dtype == torch.bfloat16
-            and conv.weight.dtype == torch.bfloat16 and conv.bias is not None and x.is_contiguous(
-                memory_format=torch.channels_last) and isinstance(norm, nn.BatchNorm2d)
-            and not norm.training and norm.running_mean is not None):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    return _get_current_dispatch_mode() is None  # no FLOP counter / fake tensors
-
-
-def _bn_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """BatchNorm on running statistics as y * scale + shift (per channel), computed in float32."""
-    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-    if bn.affine:
-        scale = scale * bn.weight.float()
-    shift = -bn.running_mean.float() * scale
-    if bn.affine:
-        shift = shift + bn.bias.float()
-    return scale, shift
-
-
-def _conv_act(x: torch.Tensor, conv: nn.Conv2d, act: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """act(conv(x)) as one oneDNN call: bias and activation applied while the output is written."""
-    name, algo = _ONEDNN_ACT[type(act)]
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, conv.weight, conv.bias if bias is None else bias, list(conv.padding), list(conv.stride),
-        list(conv.dilation), conv.groups, name, [], algo)
-
-
-def _act_ok(act: nn.Module) -> bool:
-    return type(act) in _ONEDNN_ACT and getattr(act, "approximate", "none") == "none" \
-        and not getattr(act, "inplace", False)
 
 
 class ConvMixerLayer(nn.Module):
@@ -83,39 +38,8 @@ class ConvMixerLayer(nn.Module):
         self.pw_norm = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not self.training and _act_ok(self.dw_act) and _act_ok(self.pw_act)
-                and _fused_ok(x, self.dw, self.dw_norm) and _fused_ok(x, self.pw, self.pw_norm)):
-            return self._forward_fused(x)
-        # bf16 training on CPU: oneDNN's bf16 depthwise weight gradient is the slow part; vitlab's
-        # kernel computes it where it applies, else the conv runs in float32
-        y = fast.depthwise_conv_bf16_train(x, self.dw) if fast.depthwise_conv_f32_pays(x, self.dw) else self.dw(x)
-        x = x + self.dw_norm(self.dw_act(y))
+        x = x + self.dw_norm(self.dw_act(self.dw(x)))  # residual around the spatial mixing only
         return self.pw_norm(self.pw_act(self.pw(x)))
-
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The same layer in four memory passes instead of seven (bf16 CPU inference).
-
-        BN after an activation cannot be folded into the conv before it, but it is a per-channel
-        affine map s * y + t, and everything here is exact algebra on it:
-            x' = x + s1 * act(dw(x)) + t1      t1 moves into the pointwise conv's bias:
-            pw(x') = pw(x + s1 * act(dw(x))) + W t1    (a 1x1 conv has no padding)
-            z  = s2 * act(pw(x')) + t2         one multiply-add pass
-        dw/pw conv + bias + activation are single oneDNN calls.
-        """
-        s1, t1 = _bn_affine(self.dw_norm, x.dtype)
-        s2, t2 = _bn_affine(self.pw_norm, x.dtype)
-        dt = x.dtype
-        a = _conv_act(x, self.dw, self.dw_act)
-        x = torch.addcmul(x, a, s1.to(dt).view(1, -1, 1, 1))
-        w = self.pw.weight
-        pw_bias = (self.pw.bias.float() + w.reshape(w.shape[0], -1).float() @ t1).to(dt)
-        r = _conv_act(x, self.pw, self.pw_act, bias=pw_bias)
-        return _affine_(r, s2.to(dt), t2.to(dt))
-
-
-def _affine_(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """y * scale + shift per channel, in place on a freshly computed `y` (one pass)."""
-    return torch.addcmul(shift.view(1, -1, 1, 1), y, scale.view(1, -1, 1, 1), out=y)
 
 
 class ConvMixer(nn.Module):
@@ -213,15 +137,6 @@ class ConvMixer(nn.Module):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding z0 = BN(act(conv_p(x))), shape (B, dim, H/p, W/p)."""
         check_input(x, self.in_chans, self.img_size, self.patch_size, dynamic=True)
-        w = self.patch_embed.weight
-        if (not self.training and w.dtype == torch.bfloat16 and x.is_floating_point() and x.dtype != w.dtype
-                and not (torch.is_grad_enabled() and w.requires_grad)):
-            # a bf16 model (`fast.optimize_for_inference`): images arrive in its dtype and
-            # channels-last memory, as its input hook on `patch_embed` would make them
-            x = x.to(w.dtype).contiguous(memory_format=torch.channels_last)
-        if not self.training and _act_ok(self.patch_act) and _fused_ok(x, self.patch_embed, self.patch_norm):
-            s, t = _bn_affine(self.patch_norm, x.dtype)
-            return _affine_(_conv_act(x, self.patch_embed, self.patch_act), s.to(x.dtype), t.to(x.dtype))
         return self.patch_norm(self.patch_act(self.patch_embed(x)))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,9 +148,6 @@ class ConvMixer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        streams = fast.streams_for(self, x)  # CPU inference: batch parts on separate cores
-        if streams > 1:
-            return fast.run_in_streams(self.forward, x, streams)
         return self.forward_head(self.forward_features(x))
 
     # ------------------------------------------------------------------ analysis accessors

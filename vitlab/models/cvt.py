@@ -48,8 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, check_choice
-from . import fast
-from .layers import DropPath, Mlp, check_input, resample_abs_pos_embed, to_2tuple
+from .layers import DropPath, Mlp, attention, check_input, resample_abs_pos_embed, to_2tuple
 from .registry import register_family
 
 CVT_POS_EMBEDS = ("none", "learned")
@@ -127,118 +126,12 @@ def _conv_projection(dim: int, kernel: int, stride: int, conv: bool) -> nn.Modul
     return None
 
 
-class ProjLinear(nn.Linear):
-    """nn.Linear computed by `fast.linear` (bias fused into the oneDNN product in bf16
-    inference); still a module, so forward hooks on q/k/v projections keep working."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fast.linear(x, self)
-
-
-def _folded_dw_bn(proj: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight and bias of depthwise conv + BatchNorm as one conv, for BatchNorm using its
-    running statistics (eval mode): BN(conv(x)) = conv(x; w * g / sqrt(var + eps)) + (beta -
-    mean * g / sqrt(var + eps)). Exact (BN is a per-channel affine map then); a few hundred
-    numbers, so it is recomputed on every call and never goes stale after training.
-    `fast.fold_batchnorm` may already have done it (the BN is then an Identity)."""
-    conv, bn = proj.conv, proj.bn
-    if not isinstance(bn, nn.BatchNorm2d):
-        return conv.weight, conv.bias
-    inv = torch.rsqrt(bn.running_var.float() + bn.eps)
-    scale = inv * bn.weight.float() if bn.affine else inv
-    shift = -bn.running_mean.float() * scale
-    if bn.affine:
-        shift = shift + bn.bias.float()
-    if conv.bias is not None:
-        shift = shift + conv.bias.float() * scale
-    dt = conv.weight.dtype
-    return (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(dt), shift.to(dt)
-
-
-def _bn_uses_batch_stats(bn: nn.Module) -> bool:
-    return isinstance(bn, nn.BatchNorm2d) and (bn.training or bn.running_mean is None)
-
-
-def _dw_bn(proj: nn.Sequential, fmap: torch.Tensor) -> torch.Tensor:
-    """BN(depthwise conv(fmap)) on a channels-last map, computed the fastest correct way.
-
-    - BN with running statistics (eval): one conv with the BN folded into its weight and bias.
-    - Training in bf16 on CPU with a strided conv: the conv + BN run in float32
-      (`fast.depthwise_conv_f32_pays`: oneDNN's bf16 depthwise backward is 5-15x slower here).
-    - Otherwise: the module as it is.
-    """
-    conv, bn = proj.conv, proj.bn
-    if not fast.fast_paths_enabled():
-        return bn(conv(fmap))
-    if not _bn_uses_batch_stats(bn):
-        w, b = _folded_dw_bn(proj)
-        return F.conv2d(fmap, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if conv.stride != (1, 1) and fast.depthwise_conv_f32_pays(fmap, conv):
-        y = fast.conv2d_f32(fmap, conv, out_dtype=None)
-        with torch.autocast("cpu", enabled=False):
-            y = _batch_norm_f32(bn, y)
-        return y.to(torch.bfloat16)
-    return bn(conv(fmap))
-
-
-def _batch_norm_f32(bn: nn.BatchNorm2d, y: torch.Tensor) -> torch.Tensor:
-    """`bn(y)` for a float32 `y` whatever the dtype of the BN's parameters; running statistics
-    are updated in place as the module would (they stay in the module's own dtype)."""
-    if bn.weight is None or bn.weight.dtype == torch.float32:
-        return bn(y)
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    rm = bn.running_mean.float() if bn.running_mean is not None else None
-    rv = bn.running_var.float() if bn.running_var is not None else None
-    out = F.batch_norm(y, rm, rv, bn.weight.float(), bn.bias.float(), True, momentum, bn.eps)
-    if rm is not None and bn.training:
-        with torch.no_grad():
-            bn.running_mean.copy_(rm)
-            bn.running_var.copy_(rv)
-    return out
-
-
-class _DenseGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient dense in the input's memory format.
-
-    The q/k/v maps of a stage with a class token are concatenated after the class token, so
-    their gradient is a slice of a (B, 1 + h*w, C) tensor: not dense, and oneDNN's BatchNorm /
-    depthwise conv backward then take a slow generic path (measured 5x slower at CvT-13's
-    stage 3) plus a copy per op. One explicit copy here is much cheaper."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.channels_last = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
-
-
-def _explicit_attention(q, k, v, scale: float, attn_drop: float, training: bool):
-    """softmax(q k^T * scale) v by matrix products; returns (out, probabilities)."""
-    # scaling the logits in place: the product's backward needs q and k, not its output
-    attn = torch.matmul(q, k.transpose(-2, -1)).mul_(scale).softmax(dim=-1)
-    dropped = F.dropout(attn, attn_drop, training) if attn_drop and training else attn
-    return dropped @ v, attn
-
-
-# Largest key count for which the explicit matrix-product attention is used when gradients
-# are needed on CPU. Measured at CvT-13's shapes, batch 32, bf16, forward + backward on one
-# core: 50 keys (stage 3) explicit 21 ms vs fused SDPA 88 ms; 196 keys (stage 2) 101 vs
-# 126 ms; 784 keys (stage 1) 553 vs 486 ms (there the fused kernel wins).
-EXPLICIT_TRAIN_MAX_KEYS = 256
-
-
 class ConvAttention(nn.Module):
     """Multi-head attention with convolutional projection (CvT Fig. 3(c)).
 
     forward(x, grid, num_prefix_tokens, return_attn, residual) -> (out, attn or None).
     `x` is (B, prefix + h*w, C); the prefix (class token) bypasses the convolution.
-    With `residual` the output is `residual + attention(x)` (the add fused into the output
-    projection where possible).
+    With `residual` the output is `residual + attention(x)`.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, conv_proj: bool = True, kv_stride: int = 2,
@@ -254,13 +147,10 @@ class ConvAttention(nn.Module):
         self.conv_proj_q = _conv_projection(dim, kernel, 1, conv_proj)
         self.conv_proj_k = _conv_projection(dim, kernel, kv_stride, conv_proj)
         self.conv_proj_v = _conv_projection(dim, kernel, kv_stride, conv_proj)
-        self.proj_q = ProjLinear(dim, dim, bias=qkv_bias)
-        self.proj_k = ProjLinear(dim, dim, bias=qkv_bias)
-        self.proj_v = ProjLinear(dim, dim, bias=qkv_bias)
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.cpu_kernel = False  # vitlab's fused CPU attention (set by fast.optimize_for_inference)
-        # with cpu_kernel: norm1 + the three depthwise projections by vitlab's kernel where it applies
-        self.fused_projections = True
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -271,110 +161,32 @@ class ConvAttention(nn.Module):
         return _conv_out(grid[0], k, s, k // 2), _conv_out(grid[1], k, s, k // 2)
 
     @staticmethod
-    def _squeeze(proj: nn.Module | None, fmap: torch.Tensor, tokens: torch.Tensor, dense_grad: bool = False
-                 ) -> torch.Tensor:
+    def _squeeze(proj: nn.Module | None, fmap: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """One of q/k/v as tokens (B, n, C): the map projection (or the tokens themselves)."""
         if proj is None:
             return tokens
-        y = _dw_bn(proj, fmap) if hasattr(proj, "conv") else proj(fmap)
-        if dense_grad and y.requires_grad:
-            y = _DenseGrad.apply(y)
+        y = proj(fmap)
         B, C, h, w = y.shape
-        # channels-last (B, h, w, C) memory: this is a view
         return y.permute(0, 2, 3, 1).reshape(B, h * w, C)
 
-    def _fused_projections(self, x: torch.Tensor, grid: tuple[int, int], p: int, want_q: bool,
-                           norm: nn.Module | None = None):
-        """(q, k, v) tokens of `norm(x)` from vitlab's depthwise-projection kernel
-        (`cpu_kernels.dwconv_qkv`, the layer norm fused in), or None where it does not apply:
-        bf16 CPU inference with 3x3 depthwise conv + BatchNorm (running statistics) projections,
-        padding 1, q at stride 1, k and v at one stride, an affine LayerNorm over the width (or
-        none), not training. Measured at CvT-13's stages (batch 32, with the copies and
-        concatenations it saves): 1.3x, 1.3x and 2x oneDNN's three convolutions."""
-        from vitlab.models import cpu_kernels as ck
-
-        projs = (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v)
-        if self.training or not fast.fast_paths_enabled() or not fast._plain_context() or ck.get() is None:
-            return None
-        if not ck.dwconv_qkv_ok(x) or any(pr is None or not hasattr(pr, "conv") or _bn_uses_batch_stats(pr.bn)
-                                          for pr in projs):
-            return None
-        convs = [pr.conv for pr in projs]
-        s = convs[1].stride
-        if (any(c.kernel_size != (3, 3) or c.padding != (1, 1) or c.dilation != (1, 1) or c.groups != x.shape[2]
-                for c in convs) or convs[0].stride != (1, 1) or convs[2].stride != s or s[0] != s[1]):
-            return None
-        C = x.shape[2]
-        if norm is not None and not (isinstance(norm, nn.LayerNorm) and norm.normalized_shape == (C,)
-                                     and norm.weight is not None and norm.bias is not None):
-            return None
-        mods = projs + ((norm,) if norm is not None else ())
-        tensors = [t for m in mods for t in m.parameters()] + [t for m in mods for t in m.buffers()]
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
-        cache = getattr(self, "_dw_cache", None)
-        if cache is None or cache[0] != key:  # float32 weights (BN folded), rebuilt when a parameter changes
-            folded = [_folded_dw_bn(pr) for pr in projs]
-            wt = torch.stack([w.detach().float().reshape(C, 9).t() for w, _ in folded]).contiguous()
-            bt = torch.stack([torch.zeros(C) if b is None else b.detach().float() for _, b in folded]).contiguous()
-            ln = ((norm.weight.detach().float().contiguous(), norm.bias.detach().float().contiguous(), norm.eps)
-                  if norm is not None else None)
-            cache = self._dw_cache = (key, wt, bt, ln)
-        return ck.dwconv_qkv(ck.get(), x, p, grid, cache[1], cache[2], s[0], want_q, cache[3])
-
-    def _attention(self, q, k, v, return_attn: bool):
-        if return_attn:
-            return _explicit_attention(q, k, v, self.scale, self.attn_drop, self.training)
-        drop = self.attn_drop if self.training else 0.0
-        if self.cpu_kernel:  # vitlab's fused CPU attention (with its backward in training) where it applies
-            out = fast.cpu_kernel_attention(q, k, v, self.scale, None, drop, self.training)
-            if out is not None:
-                return out, None
-        if (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
-                and k.shape[-2] <= EXPLICIT_TRAIN_MAX_KEYS and fast.fast_paths_enabled()):
-            return _explicit_attention(q, k, v, self.scale, drop, self.training)[0], None
-        # fused SDPA otherwise: at all three CvT-13 shapes in bf16 inference it beats explicit
-        # products on CPU (one core, batch 32: 73 vs 320 ms, 24 vs 29 ms, 7.0 vs 8.2 ms), so no
-        # timed choice (which a busy machine can get wrong) is needed
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
-        return out, None
-
     def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 0, return_attn: bool = False,
-                residual: torch.Tensor | None = None, queries: int | None = None, norm: nn.Module | None = None):
+                residual: torch.Tensor | None = None, queries: int | None = None):
         """`queries=n` (n <= num_prefix_tokens): outputs for the first n (class) tokens only;
-        their queries bypass the convolution, so the query map projection is skipped.
-        `norm`: applied to `x` first (the block's pre-norm; fused into vitlab's projection
-        kernel where that applies)."""
+        their queries bypass the convolution, so the query map projection is skipped."""
         B, N, C = x.shape
         p = num_prefix_tokens
         if queries is not None and not 0 < queries <= p:
             raise ConfigError(f"queries={queries} must select class tokens (1..{p}) of this stage")
-        fused = (self._fused_projections(x, grid, p, queries is None, norm)
-                 if self.cpu_kernel and getattr(self, "fused_projections", True) else None)
-        if fused is not None:  # vitlab's kernel: the three depthwise convs, class token attached
-            q, k, v = fused
-            if queries is not None:  # the (normalised) class tokens lead k
-                q = k[:, :queries]
-            return self._project_attend(q, k, v, B, C, return_attn, residual)
-        if norm is not None:
-            x = norm(x)
         prefix, tokens = x[:, :p], x[:, p:]
-        if p and self.conv_proj_q is not None and fast.fast_paths_enabled():
-            # one dense copy of the patch tokens: a slice after the class token has a batch
-            # stride of (prefix + h*w) * C, which oneDNN would otherwise copy for each of q/k/v
-            tokens = tokens.contiguous()
-        # token map as (B, C, h, w) in channels-last memory (a view: no copy)
-        fmap = tokens.reshape(B, grid[0], grid[1], C).permute(0, 3, 1, 2)
-        # with a class token the projections' gradients arrive as slices of the gradient of
-        # the concatenation below: made dense before they reach BatchNorm / conv backward
-        dense = bool(p) and fast.fast_paths_enabled()
-        k = self._squeeze(self.conv_proj_k, fmap, tokens, dense)
-        v = self._squeeze(self.conv_proj_v, fmap, tokens, dense)
+        fmap = tokens.reshape(B, grid[0], grid[1], C).permute(0, 3, 1, 2)  # token map (B, C, h, w)
+        k = self._squeeze(self.conv_proj_k, fmap, tokens)
+        v = self._squeeze(self.conv_proj_v, fmap, tokens)
         if p:  # the class token is never convolved: re-attached before the linear projections
             k, v = (torch.cat([prefix, t], dim=1) for t in (k, v))
         if queries is not None:
             q = prefix[:, :queries]
         else:
-            q = self._squeeze(self.conv_proj_q, fmap, tokens, dense)
+            q = self._squeeze(self.conv_proj_q, fmap, tokens)
             q = torch.cat([prefix, q], dim=1) if p else q
         return self._project_attend(q, k, v, B, C, return_attn, residual)
 
@@ -384,11 +196,8 @@ class ConvAttention(nn.Module):
         q = self.proj_q(q).reshape(B, q.shape[1], H, d).transpose(1, 2)
         k = self.proj_k(k).reshape(B, k.shape[1], H, d).transpose(1, 2)
         v = self.proj_v(v).reshape(B, v.shape[1], H, d).transpose(1, 2)
-        out, attn = self._attention(q, k, v, return_attn)
-        out = out.transpose(1, 2).reshape(B, q.shape[2], C)
-        if residual is not None and not (self.training and self.proj_drop.p > 0):
-            return fast.linear(out, self.proj, residual=residual), attn
-        out = self.proj_drop(fast.linear(out, self.proj))
+        out, attn = attention(q, k, v, self.scale, None, self.attn_drop, self.training, need_weights=return_attn)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, q.shape[2], C)))
         return (out if residual is None else residual + out), attn
 
 
@@ -403,32 +212,20 @@ class CvTBlock(nn.Module):
         self.attn = ConvAttention(dim, num_heads, qkv_bias, conv_proj, kv_stride, kernel, attn_scale, attn_drop, drop)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, fused_inference=True)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x, grid, num_prefix_tokens: int = 0, return_attn: bool = False, queries: int | None = None):
         """`queries=n`: the output of the first n (class) tokens only (see ConvAttention)."""
-        if self.drop_path.p == 0.0 or not self.training:
-            # no stochastic depth: the residual adds ride on the output projections (fast.linear);
-            # norm1 is handed to the attention, whose projection kernel can fuse it
-            res = x if queries is None else x[:, :queries]
-            x, attn = self.attn(x, grid, num_prefix_tokens, return_attn, residual=res, queries=queries, norm=self.norm1)
-            return self.mlp(self.norm2(x), residual=x), attn
         h = self.norm1(x)
         if queries is not None:
             x = x[:, :queries]
+        if self.drop_path.p == 0.0 or not self.training:  # the residual handed to the output projections
+            x, attn = self.attn(h, grid, num_prefix_tokens, return_attn, residual=x, queries=queries)
+            return self.mlp(self.norm2(x), residual=x), attn
         y, attn = self.attn(h, grid, num_prefix_tokens, return_attn, queries=queries)
-        x = self._drop_path_add(x, y)
-        x = self._drop_path_add(x, self.mlp(self.norm2(x)))
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, attn
-
-    def _drop_path_add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x + DropPath(y) as one fused multiply-add: x + y * (mask / keep), with the per-sample
-        Bernoulli(keep) mask of DropPath (one kernel instead of mul, div and add)."""
-        if not fast.fast_paths_enabled():
-            return x + self.drop_path(y)
-        keep = 1.0 - self.drop_path.p
-        mask = y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep).div_(keep)
-        return torch.addcmul(x, y, mask)
 
 
 class CvTStage(nn.Module):
@@ -693,9 +490,6 @@ class ConvolutionalVisionTransformer(nn.Module):
         # compute just that one there (the same logits; forward_features returns every token).
         # Not in training: the skipped query convolution's BatchNorm would miss its statistics
         # update and its parameters their (zero) gradients, which weight decay and DDP expect.
-        streams = fast.streams_for(self, x)  # CPU inference: batch parts on separate cores
-        if streams > 1:
-            return fast.run_in_streams(self.forward, x, streams)
         last_queries = 1 if self.global_pool == "token" and not self.training else None
         return self.forward_head(self._run(x, last_queries=last_queries)["tokens"])
 

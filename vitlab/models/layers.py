@@ -4,6 +4,10 @@ depth, patch embedding and every kind of position embedding the seeds describe.
 Normal runs use the fused `scaled_dot_product_attention`; `return_attn=True` switches a
 layer to the explicit softmax(QK^T/sqrt(d)) V path so the probabilities can be returned
 (the analysis tools need them), computing the same function.
+
+This file is the papers' math in plain PyTorch. Faster ways to compute the same functions on
+particular hardware live beside the models in `vitlab.accel`, which swaps these modules for
+subclasses with the same parameters (`vitlab.accel.accelerate`).
 """
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from . import cpu_kernels, fast
 
 POS_EMBED_KINDS = ("none", "learned", "learned_2d", "sincos_1d", "sincos_2d", "relative")
 
@@ -160,14 +163,33 @@ class RelativePositionBias(nn.Module):
 
 
 # --------------------------------------------------------------------------- core blocks
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              bias: torch.Tensor | None = None, dropout_p: float = 0.0, training: bool = False,
+              need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q k^T * scale + bias) v on (B, H, N, d) tensors; returns (out, probabilities or None).
+
+    `bias` is an additive logit bias broadcastable to (B, H, Nq, Nk) (a (H, Nq, Nk) table is
+    allowed). With `need_weights` the probabilities are computed explicitly and returned (the
+    analysis tools read them); otherwise the fused `scaled_dot_product_attention` runs.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dropout_p = dropout_p if training else 0.0
+    if need_weights:
+        logits = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        attn = logits.softmax(dim=-1)
+        dropped = F.dropout(attn, dropout_p, True) if dropout_p else attn
+        return dropped @ v, attn
+    mask = None if bias is None else bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale), None
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
     forward(x, return_attn=False, bias=None) -> (out, attn or None). `bias` is an additive
-    (heads, N, N) logit bias (relative position). A fused kernel is used unless the probabilities
-    are asked for: with `cpu_kernel` (set by `fast.use_cpu_kernels` / `optimize_for_inference`)
-    vitlab's bf16 CPU attention, in training its kernel pair with the backward reading q, k, v from
-    the qkv projection's output in place; otherwise `fast.attention`'s choice for the device.
+    (heads, N, N) logit bias (relative position).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -183,23 +205,17 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.cpu_kernel = False  # vitlab's fused CPU attention (set by fast.use_cpu_kernels)
 
     def forward(self, x, return_attn: bool = False, bias: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, queries: int | None = None):
-        """`residual`, when given, is added to the output (fused into the output projection
-        where possible): `residual + attn(x)`. `queries=n`: outputs for the first n tokens only
-        (all N tokens still give keys and values); `residual` then has n tokens."""
+        """`residual`, when given, is added to the output: `residual + attn(x)`. `queries=n`: outputs
+        for the first n tokens only (all N tokens still give keys and values); `residual` then has
+        n tokens."""
         B, N, C = x.shape
-        qkv = fast.linear(x, self.qkv).reshape(B, N, 3, self.num_heads, self.head_dim)
-        if (self.cpu_kernel and not return_attn and bias is None and not (self.training and self.attn_drop)
-                and fast.attention_qkv_train_ok(qkv)):
-            # bf16 CPU training: vitlab's attention kernel with its backward, reading q, k, v in
-            # place and writing their gradient as one (B, N, 3, H, d) buffer
-            x, attn = cpu_kernels.attention_qkv_train(qkv, self.scale, queries), None
-        else:
-            x, attn = self._attention(qkv, return_attn, bias, queries)
-        return self._project(x, residual), attn
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        x, attn = self._attention(qkv, return_attn, bias, queries)
+        out = self.proj_drop(self.proj(x))
+        return (out if residual is None else residual + out), attn
 
     def _attention(self, qkv, return_attn: bool, bias, queries):
         """(out (B, Nq, C), probabilities or None) from qkv (B, N, 3, H, d)."""
@@ -208,57 +224,23 @@ class Attention(nn.Module):
         if queries is not None:
             q = q[:, :, :queries]
             bias = None if bias is None else bias[..., :queries, :]
-        # explicit softmax(QK^T/sqrt(d))V when the probabilities are asked for, otherwise the
-        # fastest correct kernel for this device and shape (fast.attention)
-        x, attn = fast.attention(q, k, v, self.scale, bias, self.attn_drop, self.training, need_weights=return_attn,
-                                 cpu_kernel=self.cpu_kernel)
+        x, attn = attention(q, k, v, self.scale, bias, self.attn_drop, self.training, need_weights=return_attn)
         return x.transpose(1, 2).reshape(B, q.shape[2], -1), attn
-
-    def _project(self, x, residual):
-        if residual is not None and not (self.training and self.proj_drop.p > 0):
-            return fast.linear(x, self.proj, residual=residual)
-        out = self.proj_drop(fast.linear(x, self.proj))
-        return out if residual is None else residual + out
 
 
 class Mlp(nn.Module):
-    """fc1 -> act -> fc2. `fused_inference`: in bf16 CPU inference, run as `fast.mlp_inference`
-    (row blocks, GELU in oneDNN's epilogue). On for CvT, where it was measured faster (stage 1:
-    41 vs 63 ms per call); off for ViT, where the speed table measured it 0.86-0.96x at ViT-B/16.
-    `cpu_kernel` (set by `fast.use_cpu_kernels`): the GELU runs as vitlab's CPU kernel, in place
-    (after ViT-S/16's fc1: 1.6-2.2 ms against 2.2-2.9 for PyTorch's GELU; docs/speed.md), and in
-    bf16 training as its differentiable version (`cpu_kernels.gelu`)."""
+    """fc1 -> act -> fc2 (with dropout after the activation and after fc2)."""
 
-    def __init__(self, dim: int, hidden: int, act: type[nn.Module] = nn.GELU, drop: float = 0.0,
-                 fused_inference: bool = False):
+    def __init__(self, dim: int, hidden: int, act: type[nn.Module] = nn.GELU, drop: float = 0.0):
         super().__init__()
-        self.fused_inference = fused_inference
-        self.cpu_kernel = False  # vitlab's GELU kernel in bf16 CPU inference (set by fast.optimize_for_inference)
         self.fc1 = nn.Linear(dim, hidden)
         self.act = act()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x, residual: torch.Tensor | None = None):
-        """fc2(act(fc1(x))); with `residual`, `residual + mlp(x)` (the add fused into fc2 where possible)."""
-        if (self.fused_inference and residual is not None and not self.training
-                and fast.mlp_inference_ok(self.fc1, self.fc2, self.act, x)):
-            return fast.mlp_inference(self.fc1, self.fc2, x, residual, cpu_kernel=self.cpu_kernel)
-        h = fast.linear(x, self.fc1)
-        if self.cpu_kernel and fast.gelu_kernel_ok(self.act, h):
-            x = self.drop(fast.gelu_kernel_(h))
-        elif self.cpu_kernel and fast.gelu_train_kernel_ok(self.act, h):  # training: kernels with autograd
-            x = self.drop(fast.gelu_kernel(h))
-        elif (type(self.act) is nn.GELU and fast.fast_paths_enabled()
-                and not (torch.is_grad_enabled() and h.requires_grad)):
-            # inference: GELU in place, one (tokens x 4D) buffer fewer per block (fewer fresh
-            # pages from the C allocator, whose page faults cost as much as the GELU itself)
-            x = self.drop(torch.ops.aten.gelu_(h, approximate=self.act.approximate))
-        else:
-            x = self.drop(self.act(h))
-        if residual is not None and not (self.training and self.drop.p > 0):
-            return fast.linear(x, self.fc2, residual=residual)
-        out = self.drop(fast.linear(x, self.fc2))
+        """fc2(act(fc1(x))); with `residual`, `residual + mlp(x)`."""
+        out = self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
         return out if residual is None else residual + out
 
 
@@ -283,7 +265,8 @@ class Block(nn.Module):
         if queries is not None:
             x = x[:, :queries]
         if self.drop_path.p == 0.0 or not self.training:
-            # no stochastic depth: the residual adds ride on the output projections (fast.linear)
+            # no stochastic depth: the residual is handed to the output projections (where
+            # `vitlab.accel` fuses the add into the product)
             x, attn = self.attn(h, return_attn=return_attn, bias=bias, residual=x, queries=queries)
             return self.mlp(self.norm2(x), residual=x), attn
         y, attn = self.attn(h, return_attn=return_attn, bias=bias, queries=queries)
@@ -307,28 +290,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         check_input(x, self.proj.in_channels, self.img_size, self.patch_size, self.dynamic_img_size)
-        if x.device.type == "cpu" and fast.fast_paths_enabled() and fast._plain_context():
-            return self._patchify_linear(x)
         x = self.proj(x)
         grid = (x.shape[2], x.shape[3])
         return x.flatten(2).transpose(1, 2), grid
-
-    def _patchify_linear(self, x):
-        """The same map as the strided conv, as one copy into (patches, C*p*p) rows and one
-        matrix product: oneDNN's CPU convolution runs this kernel = stride case several times
-        below the matrix-product rate (ViT-S/16, batch 32, bf16: 6.6 ms against 2.8 ms)."""
-        w = self.proj.weight
-        B, C, H, W = x.shape
-        (p, q), (gh, gw) = self.patch_size, (H // self.patch_size[0], W // self.patch_size[1])
-        patches = x.reshape(B, C, gh, p, gw, q).permute(0, 2, 4, 1, 3, 5)
-        if x.dtype != w.dtype and not torch.is_autocast_enabled("cpu"):
-            # bf16 inference models (what the input-cast hook on `proj` would do): the cast and
-            # the patch gather in one copy (ViT-S/16, batch 32: 1.7 ms against 2.3 ms for two)
-            rows = torch.empty(patches.shape, dtype=w.dtype).copy_(patches).view(B * gh * gw, C * p * q)
-        else:
-            rows = patches.reshape(B * gh * gw, C * p * q)
-        out = F.linear(rows, w.reshape(self.proj.out_channels, C * p * q), self.proj.bias)
-        return out.view(B, gh * gw, -1), (gh, gw)
 
 
 def check_divisible(img_size: tuple[int, int], patch_size: tuple[int, int]) -> None:

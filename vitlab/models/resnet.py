@@ -26,7 +26,6 @@ from torch import nn
 
 from ..errors import ConfigError, check_choice, did_you_mean
 from .layers import DropPath, to_2tuple
-from . import fast
 from .registry import register_family
 
 
@@ -356,9 +355,6 @@ class ResNetV2(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        streams = fast.streams_for(self, x)  # CPU inference: batch parts on separate cores
-        if streams > 1:
-            return fast.run_in_streams(self.forward, x, streams)
         return self.forward_head(self.forward_features(x))
 
 

@@ -21,7 +21,6 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import CheckpointError, ConfigError, check_choice
 from .layers import (POS_EMBED_KINDS, Block, PatchEmbed, RelativePositionBias, check_input, resample_1d,
                      resample_abs_pos_embed, sincos_1d, sincos_2d, to_2tuple)
-from . import fast
 from .registry import register_family
 
 GLOBAL_POOLS = ("token", "avg")
@@ -308,9 +307,6 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        streams = fast.streams_for(self, x)  # CPU inference: batch parts on separate cores
-        if streams > 1:
-            return fast.run_in_streams(self.forward, x, streams)
         tokens, grid = self.patch_tokens(x)
         # class-token pooling reads only token 0 of the last block: compute just that one
         # (exactly the same logits and gradients; forward_features still returns every token)

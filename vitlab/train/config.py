@@ -70,7 +70,7 @@ class TrainConfig:
     grad_clip: float = 1.0             # global-norm clipping; 0 = off
     accum_steps: int = 1
     ema_decay: float = 0.0             # EMA of weights; 0 = off
-    precision: str = "auto"            # auto: bf16 on GPU, fp32 on CPU
+    precision: str = "auto"            # auto: bf16 on GPUs with native bf16 (sm80+), fp32 elsewhere
     compile: bool = False
     cpu_allocator: str = "tuned"       # tuned: keep freed memory for reuse (fast.tune_cpu_allocator); system
     seed: int = 0
@@ -113,9 +113,16 @@ class TrainConfig:
     def amp_dtype(self, device_type: str):
         import torch
 
+        from ..accel import caps
+
         precision = self.precision
         if precision == "auto":
-            precision = "bf16" if device_type == "cuda" else "fp32"
+            # bf16 autocast where it runs natively on a GPU (CUDA sm80+). On CPUs, float32: even with
+            # native bf16 (AVX-512 BF16, AMX), autocast's per-op casts cost more than they save for the
+            # small models CPU users train (precision=bf16 asks for it; vitlab then uses its bf16 kernels)
+            precision = "bf16" if device_type == "cuda" and caps.bf16_native("cuda") else "fp32"
+        elif precision == "bf16":
+            caps.warn_emulated_bf16("training with precision=bf16", device_type)
         return torch.bfloat16 if precision == "bf16" else None
 
     def augment_kwargs(self) -> dict[str, Any]:
@@ -376,7 +383,7 @@ FIELD_HELP = {
     "grad_clip": "clip the global gradient norm (0 = off)",
     "accum_steps": "gradient accumulation steps per optimizer step",
     "ema_decay": "EMA of weights (0 = off); evaluation then uses the EMA",
-    "precision": "auto (bf16 on GPU, fp32 on CPU), bf16 (autocast) or fp32",
+    "precision": "auto (bf16 on GPUs with native bf16, sm80+; fp32 on CPU), bf16 (autocast) or fp32",
     "compile": "torch.compile the model",
     "cpu_allocator": "on CPU: tuned (glibc keeps freed tensor memory for reuse instead of fresh, page-faulting "
                      "mmaps: ConvMixer-768/32 bf16 training 2.4x faster) or system (glibc as it is)",

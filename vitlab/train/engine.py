@@ -304,16 +304,17 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     device = info.device
     amp_dtype = cfg.amp_dtype(device.type)
     if device.type == "cpu" and cfg.cpu_allocator == "tuned":
-        from ..models import fast
+        from ..accel import ops as fast
 
         fast.tune_cpu_allocator()  # process-wide; a no-op where glibc is not the allocator
     raw = model.to(device)
-    if device.type == "cpu" and amp_dtype == torch.bfloat16:
-        from ..models import fast
+    from .. import accel
 
+    accel.accelerate(raw)  # the same function with the fastest kernels the hardware has (vitlab.accel)
+    if device.type == "cpu" and amp_dtype == torch.bfloat16 and accel.caps.bf16_native("cpu"):
         # vitlab's CPU kernels where they build: GELU (forward and backward) on the bf16 activations
         # autocast produces, layer norms with bf16 weights, fused attention in evaluation
-        fast.use_cpu_kernels(raw)
+        accel.use_cpu_kernels(raw)
     # Rank streams differ (dropout, augmentation); the model's initial weights do not.
     if info.rank:
         torch.manual_seed(cfg.seed + info.rank)

@@ -26,7 +26,6 @@ switched off explicitly with `reference_mode()`, which benchmarks use as the "be
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
@@ -39,34 +38,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, did_you_mean
+from ..models.layers import attention as _plain_attention
+from . import caps, kernels as ck
+from .state import _STATE, fast_paths_enabled, plain_context as _plain_context, reference_mode
 
 ATTENTION_KERNELS = ("auto", "measure", "sdpa", "matmul")
 # 'auto' on CPU with autograd: explicit products up to this many logits per head (Nq * Nk).
 # Measured on the development CPU (AMX, bf16): explicit forward + backward beats SDPA by 2-3x
 # at ViT shapes (197 x 197) and at CvT stage 3 (197 x 50), SDPA wins at CvT stage 1 (3136 x 784).
 MATMUL_TRAIN_MAX_LOGITS = 1 << 18
-_STATE = {"enabled": True, "attention": "auto"}
 _ATTN_CHOICE: dict[tuple, str] = {}  # (device, dtype, shapes, mask?) -> measured fastest kernel
 _HAS_ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
 
 
 # ----------------------------------------------------------------------------- switches
-def fast_paths_enabled() -> bool:
-    return _STATE["enabled"]
-
-
-@contextlib.contextmanager
-def reference_mode():
-    """Run the plain reference code paths inside this block (for parity checks and "before"
-    timings). Kernels chosen by `optimize_for_inference` (bf16 weights, folded BN) stay."""
-    old = _STATE["enabled"]
-    _STATE["enabled"] = False
-    try:
-        yield
-    finally:
-        _STATE["enabled"] = old
-
-
 def set_attention_kernel(kind: str = "auto") -> None:
     """'auto' (a fixed rule: SDPA for inference and on GPU, explicit products for CPU training
     at moderate sequence lengths), 'measure' (time both once per device/dtype/shape and keep
@@ -82,16 +67,6 @@ def set_attention_kernel(kind: str = "auto") -> None:
 def attention_choices() -> dict[tuple, str]:
     """The kernels `attention` has measured and chosen so far (for reports)."""
     return dict(_ATTN_CHOICE)
-
-
-def _plain_context() -> bool:
-    """True when nothing intercepts the operators: no FLOP counter / fake or meta tensor mode,
-    no torch.compile tracing. Fast paths call ops the counters and tracers may not know."""
-    if torch.compiler.is_compiling():
-        return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode() is None
 
 
 # ----------------------------------------------------------------------------- allocator
@@ -135,7 +110,8 @@ def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The oneDNN path applies: CPU, bf16 activations and weights, nothing intercepting ops."""
     return (_STATE["enabled"] and _HAS_ONEDNN_LINEAR and x.device.type == "cpu"
-            and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _plain_context())
+            and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and caps.bf16_native("cpu")
+            and _plain_context())
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -177,6 +153,10 @@ def linear(x: torch.Tensor, layer: nn.Linear, act: str | None = None,
     fused there: oneDNN's erf-GELU epilogue measured slower than the separate kernel.
     """
     w, b = layer.weight, layer.bias
+    if not isinstance(w, torch.Tensor):  # a swapped-in module (dynamic int8 quantisation): its own forward
+        out = layer(x)
+        out = F.gelu(out) if act == "gelu" else F.relu(out) if act == "relu" else out
+        return out if residual is None else residual + out
     if _onednn_ok(x, w):
         if not x.is_contiguous():
             x = x.contiguous()
@@ -225,8 +205,6 @@ def depthwise_conv_bf16_train(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     fastest correct way: in bf16 with vitlab's weight-gradient kernel for 5x5 kernels and larger
     (`cpu_kernels.depthwise_conv`: ConvMixer's 7x7 and 9x9 layers train 2.2-2.6x faster than in
     float32, without the casts), else in float32. Returns bf16."""
-    from vitlab.models import cpu_kernels as ck
-
     if ck.depthwise_conv_ok(x, conv):
         return ck.depthwise_conv(x, conv)
     return conv2d_f32(x, conv)
@@ -258,30 +236,22 @@ def mlp_inference_ok(fc1: nn.Linear, fc2: nn.Linear, act: nn.Module, x: torch.Te
 def gelu_kernel_ok(act: nn.Module, h: torch.Tensor) -> bool:
     """vitlab's GELU kernel applies to `act(h)`: exact nn.GELU, fast paths on, the kernels built,
     `h` a contiguous bf16 CPU tensor outside autograd."""
-    from vitlab.models import cpu_kernels as ck
-
     return (type(act) is nn.GELU and act.approximate == "none" and _STATE["enabled"] and _plain_context()
             and ck.get() is not None and ck.gelu_ok(h))
 
 
 def gelu_train_kernel_ok(act: nn.Module, h: torch.Tensor) -> bool:
     """vitlab's differentiable GELU kernels apply to `act(h)` (training; see `cpu_kernels.gelu`)."""
-    from vitlab.models import cpu_kernels as ck
-
     return type(act) is nn.GELU and act.approximate == "none" and _STATE["enabled"] and ck.gelu_train_ok(h)
 
 
 def gelu_kernel(h: torch.Tensor) -> torch.Tensor:
     """Exact GELU of `h` by vitlab's CPU kernels, with autograd (see `gelu_train_kernel_ok`)."""
-    from vitlab.models import cpu_kernels as ck
-
     return ck.gelu(h)
 
 
 def gelu_kernel_(h: torch.Tensor) -> torch.Tensor:
     """Exact GELU of `h` in place by vitlab's CPU kernel (see `gelu_kernel_ok`)."""
-    from vitlab.models import cpu_kernels as ck
-
     return ck.gelu_(ck.get(), h)
 
 
@@ -314,21 +284,13 @@ def mlp_inference(fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor, residual: tor
 # ----------------------------------------------------------------------------- attention
 def attention_reference(q, k, v, scale: float | None = None, bias: torch.Tensor | None = None,
                         dropout_p: float = 0.0, training: bool = False):
-    """softmax(q k^T * scale + bias) v by explicit matrix products. Returns (out, probabilities)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias.to(logits.dtype)
-    attn = logits.softmax(dim=-1)
-    dropped = F.dropout(attn, dropout_p, training) if dropout_p and training else attn
-    return dropped @ v, attn
+    """softmax(q k^T * scale + bias) v by explicit matrix products (the plain model's
+    `layers.attention` with the probabilities). Returns (out, probabilities)."""
+    return _plain_attention(q, k, v, scale, bias, dropout_p, training, need_weights=True)
 
 
 def _sdpa(q, k, v, scale, bias, dropout_p, training):
-    mask = bias.to(q.dtype)[None] if bias is not None and bias.ndim == 3 else (
-        bias.to(q.dtype) if bias is not None else None)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0,
-                                          scale=scale)
+    return _plain_attention(q, k, v, scale, bias, dropout_p, training)[0]
 
 
 def _matmul(q, k, v, scale, bias, dropout_p, training):
@@ -396,13 +358,11 @@ def cpu_kernel_attention(q, k, v, scale: float, bias=None, dropout_p: float = 0.
     the kernel pair with its backward) as (B, H, Nq, d), or None where it does not apply."""
     if bias is not None or (dropout_p and training) or not _STATE["enabled"] or not _plain_context():
         return None
-    from vitlab.models import cpu_kernels
-
-    mod = cpu_kernels.get()
-    if mod is not None and cpu_kernels.attention_ok(q, k, v):
-        return cpu_kernels.attention(mod, q, k, v, scale)
-    if _train_kernel_ok(dropout_p, training, (q, k, v)) and cpu_kernels.attention_train_ok(q, k, v):
-        return cpu_kernels.attention_train(q, k, v, scale)
+    mod = ck.get()
+    if mod is not None and ck.attention_ok(q, k, v):
+        return ck.attention(mod, q, k, v, scale)
+    if _train_kernel_ok(dropout_p, training, (q, k, v)) and ck.attention_train_ok(q, k, v):
+        return ck.attention_train(q, k, v, scale)
     return None
 
 
@@ -437,12 +397,10 @@ def _train_kernel_ok(dropout_p: float, training: bool, tensors) -> bool:
 def attention_qkv_train_ok(qkv: torch.Tensor) -> bool:
     """vitlab's attention kernel with its backward applies to a fused qkv projection's output
     (B, N, 3, H, d) (bf16 CPU training; see `cpu_kernels.attention_train_ok`)."""
-    from vitlab.models import cpu_kernels
-
     if not _train_kernel_ok(0.0, False, (qkv,)) or qkv.dim() != 5 or qkv.shape[2] != 3:
         return False
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    return cpu_kernels.attention_train_ok(q, k, v)
+    return ck.attention_train_ok(q, k, v)
 
 
 # ----------------------------------------------------------------------------- model-level
@@ -574,7 +532,7 @@ def _image_input_module(model: nn.Module) -> nn.Module:
     return model
 
 
-def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bfloat16,
+def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = "auto",
                            channels_last: bool | None = None, fold_bn: bool = True,
                            compile: bool = False, cpu_kernels: bool | None = None,
                            streams: int | None = None) -> nn.Module:
@@ -582,14 +540,16 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bf
 
     - eval mode, autograd off for its parameters;
     - BatchNorm after a convolution folded into it (`fold_batchnorm`; CvT's q/k/v projections);
-    - parameters and buffers cast once to `dtype` ('bf16' / torch.bfloat16 by default): no
+    - the modules swapped for their accelerated versions (`accelerate`);
+    - parameters and buffers cast once to `dtype` ('auto': bf16 where the device runs it natively,
+      `caps.auto_dtype`, else float32; an explicit 'bf16' where it is emulated warns once): no
       weight casts on every call as under autocast;
     - channels-last memory for models with spatial convolutions (default: auto);
     - a pre-hook on the first convolution that casts incoming float images to `dtype`
       (and channels-last), whichever entry point (forward, forward_intermediates) is used;
     - `compile=True`: `torch.compile` of each repeated block (`compile_blocks`);
-    - bf16 on a CPU with AMX: vitlab's fused attention, layer-norm and GELU kernels
-      (`vitlab.models.cpu_kernels`, built by the first such call, ~25 s once). `cpu_kernels=None` uses
+    - bf16 on a CPU with AVX-512 BF16 (or AMX): vitlab's fused attention, layer-norm and GELU kernels
+      (`vitlab.accel.kernels`, built by the first such call, ~25 s once). `cpu_kernels=None` uses
       them where they can be built, `False` never, `True` insists (an error says why not);
     - CPU batches run as `streams` parts in parallel, one core each (`run_in_streams`; None: one
       stream per core on CPUs with 2-4 cores, `auto_inference_streams`; 1: off). Not with `compile`.
@@ -597,9 +557,20 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bf
     Outputs are in `dtype`; `model(x).float()` for float32 logits. Training after this needs a
     fresh model (BatchNorm statistics were folded away).
     """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if dtype == "auto":
+        dtype = caps.auto_dtype(device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(dtype, dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"dtype must be 'bf16', 'fp32', 'fp16' or a floating torch.dtype, got {dtype!r}")
+        raise ConfigError(f"dtype must be 'auto', 'bf16', 'fp32', 'fp16' or a floating torch.dtype, got {dtype!r}")
+    if dtype == torch.bfloat16:
+        caps.warn_emulated_bf16("optimize_for_inference", device)
+    elif cpu_kernels:
+        raise ConfigError(f"cpu_kernels=True needs dtype='bf16' (vitlab's CPU kernels are bf16 kernels), got {dtype}; "
+                          f"pass dtype='bf16' or leave cpu_kernels=None")
+    from .modules import accelerate
+
+    accelerate(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -621,28 +592,41 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bf
     if streams is not None and (not isinstance(streams, int) or streams < 1):
         raise ConfigError(f"streams must be a positive number of parallel batch parts (or None: auto), got {streams!r}")
     model.inference_streams = 1 if compile else streams
+    if "forward" not in model.__dict__:
+        # batch parts on separate cores (CPU inference); a partial, so deepcopy and pickle follow the model
+        model.forward = functools.partial(_streamed_forward, model)
     if compile:
         compile_blocks(model)
     return model
 
 
+def _streamed_forward(model: nn.Module, x, *args, **kwargs):
+    """`type(model).forward`, run as `streams_for(model, x)` batch parts in parallel where that applies."""
+    plain = type(model).forward.__get__(model)
+    n = streams_for(model, x) if not args and not kwargs else 1
+    return run_in_streams(plain, x, n) if n > 1 else plain(x, *args, **kwargs)
+
+
 def use_cpu_kernels(model: nn.Module, enable: bool | None = None) -> bool:
     """Route a bf16 CPU model's attention, layer norms and GELUs through vitlab's CPU kernels
-    (`vitlab.models.cpu_kernels`) or, with `enable=False`, back to PyTorch's. `None`: where
-    they can be built. Returns whether they are in use. Same parameters and state dict."""
-    from vitlab.models import cpu_kernels as ck
-
+    (`vitlab.accel.kernels`; the model is accelerated first) or, with `enable=False`, back to
+    PyTorch's. `None`: where they can be built. Returns whether they are in use. Same parameters
+    and state dict."""
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     if enable is None:
-        enable = on_cpu and ck.get() is not None
+        enable = on_cpu and caps.bf16_native("cpu") and ck.get() is not None
     elif enable:
         if not on_cpu:
             raise ConfigError("vitlab's CPU kernels run on CPU; this model has parameters on another device")
         if ck.get() is None:
             raise ConfigError(f"vitlab's CPU kernels cannot be used here: {ck.unavailable_reason()}; "
                               f"pass cpu_kernels=False (or leave it None) to use PyTorch's kernels")
+    if enable:
+        from .modules import accelerate
+
+        accelerate(model)
     for m in model.modules():
-        if hasattr(m, "cpu_kernel"):  # Attention (ViT, hybrid), ConvAttention (CvT), Mlp (GELU)
+        if hasattr(m, "cpu_kernel"):  # FastAttention (ViT, hybrid), FastConvAttention (CvT), FastMlp (GELU)
             m.cpu_kernel = bool(enable)
         if type(m) in (nn.LayerNorm, ck.FastLayerNorm):
             m.__class__ = ck.FastLayerNorm if enable else nn.LayerNorm

@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import caps
+from .state import active
+
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_kernels.cpp"
 ENV = "VITLAB_CPU_KERNELS"
 _STATE: dict = {"module": None, "tried": False, "reason": None}
@@ -61,6 +64,11 @@ def _why_not() -> str | None:
     missing = [f for f in _NEEDED_FLAGS if f not in _cpu_flags()]
     if missing:
         return f"this CPU lacks {', '.join(missing)} (the kernels need AVX-512 with BF16 instructions)"
+    c = caps.capabilities()
+    if not c.cpu_bf16_native:  # e.g. ONEDNN_MAX_CPU_ISA caps the machine below its bf16 instructions
+        return f"bf16 is not native here: {c.cpu_bf16_reason}"
+    if c.aten_cpu_capability.upper() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return f"ATen runs its {c.aten_cpu_capability} kernels (ATEN_CPU_CAPABILITY caps it below AVX-512)"
     if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
         return "no C++ compiler found (install g++ to build vitlab's CPU kernels)"
     from torch.utils.cpp_extension import is_ninja_available
@@ -68,6 +76,14 @@ def _why_not() -> str | None:
     if not is_ninja_available():
         return "ninja is not installed (pip install ninja)"
     return None
+
+
+def static_reason() -> str | None:
+    """Why the kernels cannot be used here, from what can be checked without building them (None: they
+    can be built and loaded; `get()` builds them)."""
+    if _STATE["tried"]:
+        return _STATE["reason"]
+    return _why_not()
 
 
 def get():
@@ -339,9 +355,7 @@ class FastLayerNorm(torch.nn.LayerNorm):
 
 
 def _plain() -> bool:
-    from vitlab.models.fast import _plain_context, fast_paths_enabled
-
-    return fast_paths_enabled() and _plain_context()
+    return active()
 
 
 # Depthwise convolutions in bf16 training: oneDNN computes the forward and the input gradient fast,
