@@ -146,14 +146,19 @@ def test_created_models_are_plain_and_accelerate_swaps_in_place():
     assert not accel.is_accelerated(m)
 
 
+# every parity test runs on each device present (CUDA where there is one: benchmarks/gpu_check.sh runs them)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,overrides,size", FAMILIES, ids=IDS)
-def test_accelerated_models_compute_the_plain_function(name, overrides, size):
+def test_accelerated_models_compute_the_plain_function(name, overrides, size, device):
     """Same logits and same gradients (float32, training and evaluation mode) with and without the
     fast paths; the accelerated model is the same model with its modules swapped."""
-    plain = _model(name, overrides, size)
+    plain = _model(name, overrides, size).to(device)
     fast = accel.accelerate(copy.deepcopy(plain))
-    x = _images(plain, size)
-    y = torch.tensor([0, 1, 2])
+    x = _images(plain, size).to(device)
+    y = torch.tensor([0, 1, 2], device=device)
     for train in (True, False):
         plain.train(train)
         fast.train(train)
@@ -173,6 +178,23 @@ def test_accelerated_models_compute_the_plain_function(name, overrides, size):
             assert fp[n].grad is None, n
             continue
         torch.testing.assert_close(fp[n].grad, p.grad, atol=2e-5, rtol=1e-3, msg=n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["vit_nano_p2", "cvt_tiny", "convmixer_256_8"])
+def test_optimized_inference_follows_float32_on_every_device(name, device):
+    """`optimize_for_inference` with the device's own default dtype (bf16 where native) gives the
+    float32 model's predictions."""
+    size = {"vit_nano_p2": 8, "cvt_tiny": 32, "convmixer_256_8": 16}[name]
+    ref = _model(name, {}, size).to(device).eval()
+    x = _images(ref, size, n=8).to(device)
+    with torch.no_grad():
+        want = ref(x).float()
+        model = accel.optimize_for_inference(copy.deepcopy(ref))
+        assert model.inference_dtype == caps.auto_dtype(device)
+        got = model(x).float()
+    tol = 0.05 if model.inference_dtype == torch.bfloat16 else 1e-4
+    assert (got - want).abs().max() <= tol * want.abs().max() + 1e-5
 
 
 # ----------------------------------------------------------------------------- standard tools
@@ -249,6 +271,19 @@ def test_vitlab_env_reports_capabilities_and_every_fast_path(capsys):
     assert main(["env"]) == 0
     text = capsys.readouterr().out
     assert "native bf16:" in text and "fast paths:" in text
+
+
+def test_every_fast_path_names_a_parity_test_that_exists():
+    from vitlab.accel.paths import PATHS
+
+    for p in PATHS:
+        for ref in re.split(r",\s*", p.test):
+            if ref.startswith("benchmarks/"):  # a GPU-only check, run by benchmarks/gpu_check.sh
+                assert (ROOT / ref).exists(), ref
+                continue
+            file, _, func = ref.split(" ")[0].partition("::")
+            text = (ROOT / "tests" / file).read_text()
+            assert not func or re.search(rf"def {re.escape(func)}\b", text), ref
 
 
 def test_matmul_peak_is_bounded_in_time():

@@ -5,7 +5,7 @@ matrix products run on AMX tiles where the CPU has them (Sapphire Rapids and lat
 BF16 dot products elsewhere; everything else needs AVX-512 BF16 only.
 
 Built from `vitlab/csrc/cpu_kernels.cpp` with `torch.utils.cpp_extension` the first time
-`fast.optimize_for_inference` prepares a bf16 model on such a CPU (about 25 s, once, with a
+`vitlab.accel.optimize_for_inference` prepares a bf16 model on such a CPU (about 25 s, once, with a
 notice on stderr; cached under torch's extension directory, keyed by the source's hash). Where
 they cannot be used (no AVX-512 BF16, no C++ compiler or ninja, another OS, `VITLAB_CPU_KERNELS=0`),
 `get()` returns None with the reason in `unavailable_reason()`, and every caller uses PyTorch's

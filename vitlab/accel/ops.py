@@ -1,6 +1,6 @@
 """Fast paths: the same functions as the reference layers, computed with fewer, larger kernels.
 
-Every function here computes exactly what the plain PyTorch code in `layers.py` computes (up to
+Every function here computes exactly what the plain PyTorch code in `vitlab/models` computes (up to
 bf16 rounding; `tests/test_fastpaths.py` compares each one with the float32 reference), so
 speed never changes the model. What they remove, measured on the CPU this project is developed
 on (see `benchmarks/RESULTS.md`):

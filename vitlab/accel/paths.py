@@ -73,7 +73,7 @@ PATHS: tuple[FastPath, ...] = (
              "ViT-S/16 bf16 batch 32: 2.8 vs 6.6 ms"),
     FastPath("explicit attention products for CPU training", "ops.attention (auto)", "CPU", _always, "any",
              "training", "scaled_dot_product_attention",
-             "test_fastpaths.py::test_cvt_attention_uses_the_fast_paths_with_same_result",
+             "test_fastpaths.py::test_training_attention_kernel_choice_keeps_gradients",
              "forward+backward 2-3x SDPA at 197 tokens (AMX CPU)"),
     FastPath("GELU in place", "modules.FastMlp", "CPU or GPU", _always, "any", "inference", "nn.GELU",
              "test_accel.py::test_accelerated_models_compute_the_plain_function", "one buffer less per block"),
