@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import ConfigError, did_you_mean
 from ..models.layers import attention as _plain_attention
 from . import caps, kernels as ck
-from .state import _STATE, fast_paths_enabled, plain_context as _plain_context, reference_mode
+from .state import _STATE, fast_paths_enabled, plain_context as _plain_context, reference_mode  # noqa: F401 (re-exported)
 
 ATTENTION_KERNELS = ("auto", "measure", "sdpa", "matmul")
 # 'auto' on CPU with autograd: explicit products up to this many logits per head (Nq * Nk).
