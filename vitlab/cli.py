@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
 from .errors import VitlabError
 
 COMMAND_MODULES = (
@@ -17,7 +18,7 @@ COMMAND_MODULES = (
     "vitlab.train.cli",       # train, eval, finetune, predict
     "vitlab.analysis.cli",    # analyze
     "vitlab.studies.cli",     # pretrain, fewshot, study
-    "vitlab.bench",           # bench
+    "vitlab.bench_cli",       # bench (vitlab/bench.py imports torch; its options live apart)
 )
 
 
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build, train, fine-tune, study and explain patch-based image models "
                     "(ViT, hybrid ResNet+ViT, CvT, ConvMixer, BiT ResNet).",
     )
+    parser.add_argument("--version", action="version", version=f"vitlab {__version__}",
+                        help="print vitlab's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

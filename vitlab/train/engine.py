@@ -31,7 +31,7 @@ from . import distributed as D
 from .config import SESSION_FIELDS, TrainConfig, save_config
 from .objectives import build_objective
 from .optim import ModelEma, build_optimizer, lr_at
-from .runlog import RunLog, plot_curves, read_jsonl
+from .runlog import RunLog, plot_curves, plural, read_jsonl
 
 
 @dataclass
@@ -391,8 +391,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     n_params = sum(p.numel() for p in raw.parameters()) if not cfg.fsdp else None
 
     log.line(f"run {run_dir}: {cfg.model} on {cfg.dataset} ({n_train} train / {len(bundle.val.labels)} val, "
-             f"{cfg.num_classes} classes, {img_size}x{img_size}x{cfg.in_chans}), {cfg.epochs} epochs x "
-             f"{steps_per_epoch} steps of {B} images, {cfg.optimizer} lr {cfg.lr:g}, {W} process(es) on {device.type}"
+             f"{cfg.num_classes} classes, {img_size}x{img_size}x{cfg.in_chans}), {plural(cfg.epochs, 'epoch')} x "
+             f"{plural(steps_per_epoch, 'step')} of {B} images, {cfg.optimizer} lr {cfg.lr:g}, {W} process(es) on {device.type}"
              + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
              + (f", {amp_dtype}".replace("torch.", "") if amp_dtype else ""))
 
