@@ -25,9 +25,13 @@ __all__ = ["create_model", "list_models", "from_transformers", "load_weights", "
            "train", "evaluate", "finetune", "predict", "load_model", "TrainConfig", "RunResult"]
 
 
+# sub-packages reachable as attributes (`vitlab.models.create_model`) without an import of their own
+_SUBMODULES = {"analysis", "bench", "cli", "data", "flops", "models", "studies", "train"}
+
+
 def __getattr__(name: str):
-    if name == "train":  # the callable module: vitlab.train(config) -> RunResult
-        return importlib.import_module("vitlab.train")
+    if name in _SUBMODULES:  # vitlab.train is the callable module: vitlab.train(config) -> RunResult
+        return importlib.import_module(f"vitlab.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
