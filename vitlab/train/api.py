@@ -273,6 +273,16 @@ def predict(checkpoint: str | Path, images: Sequence[str | Path], topk: int = 5,
     batch = [tf(_read_image(p, info["in_chans"])[None], torch.zeros(1, dtype=torch.int64))[0] for p in images]
     probs = model(torch.cat(batch).to(dev)).float().softmax(dim=-1).cpu()
     top = probs.topk(min(topk, k), dim=-1)
-    return [{"image": str(p), "top": [{"class": names[int(i)], "index": int(i), "prob": float(v)}
-                                      for v, i in zip(top.values[n], top.indices[n])]}
-            for n, p in enumerate(images)]
+    results = [{"image": str(p), "top": [{"class": names[int(i)], "index": int(i), "prob": float(v)}
+                                         for v, i in zip(top.values[n], top.indices[n])]}
+               for n, p in enumerate(images)]
+    _add_input_notes(results, info)
+    return results
+
+
+def _add_input_notes(results: list[dict], info: dict) -> None:
+    """results[i]['note']: what was done to an image unlike the training data (None when alike)."""
+    from ..data.inputs import describe_input_conversion
+
+    for r in results:
+        r["note"] = describe_input_conversion(r["image"], info["img_size"], info["in_chans"])

@@ -284,6 +284,8 @@ def run_predict(args) -> int:
         print(json.dumps(results, indent=1))
         return 0
     for r in results:
+        if r.get("note"):
+            print(r["note"], file=sys.stderr)
         tops = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"])
         print(f"{r['image']}: {tops}")
     return 0
