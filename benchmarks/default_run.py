@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADER = ("| CPU | torch | final val acc | best val acc | training (s) | whole command (s) | date |\n"
-          "|---|---|---:|---:|---:|---:|---|")
+HEADER = ("| CPU | torch threads | torch | final val acc | best val acc | training (s) | whole command (s) | date |\n"
+          "|---|---:|---|---:|---:|---:|---:|---|")
 RESULT = re.compile(r"validation accuracy (?P<acc>[\d.]+)% \(best (?P<best>[\d.]+)%\) after (?P<epochs>\d+) "
                     r"epochs? in (?P<secs>[\d.]+) s")
 
@@ -57,6 +57,9 @@ def cpu_label() -> str:
     return f"{os.cpu_count()}-core {name} ({', '.join(traits)})"
 
 
+THREADS = re.compile(r"\((\d+) threads?\)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--row-only", action="store_true", help="print only this machine's row (default: off)")
@@ -72,7 +75,8 @@ def main() -> None:
         sys.exit(f"vitlab train failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     from importlib.metadata import version
 
-    row = (f"| {cpu_label()} | {version('torch')} | {m['acc']}% | {m['best']}% | {float(m['secs']):.1f} | "
+    threads = THREADS.search(proc.stdout)  # the run's first line says how many threads torch used
+    row = (f"| {cpu_label()} | {threads[1] if threads else '?'} | {version('torch')} | {m['acc']}% | {m['best']}% | {float(m['secs']):.1f} | "
            f"{wall:.1f} | {time.strftime('%Y-%m-%d', time.gmtime())} |")
     print(row if args.row_only else f"{HEADER}\n{row}")
 
