@@ -17,15 +17,15 @@ __all__ = ["create_model", "list_models", "get_spec", "resolve_name", "VisionTra
 
 
 def __getattr__(name: str):
-    from .registry import load_families
-
-    load_families()  # every family registered before any name is used
+    # Any other name (a submodule: `from . import fast`) is AttributeError without side effects,
+    # so that the import system then imports the submodule itself.
     if name in _LAZY:
+        from .registry import load_families
+
+        load_families()  # every family registered before any name is used
         value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
         globals()[name] = value
         return value
-    if name in globals():  # a submodule load_families() just imported (vit, cvt, ...)
-        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

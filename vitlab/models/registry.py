@@ -53,7 +53,11 @@ def load_families() -> None:
             importlib.import_module(f"{__package__}.{mod}")
         except ModuleNotFoundError as e:  # pragma: no cover - only while a family is being written
             if e.name != f"{__package__}.{mod}":
+                _families_loaded = False
                 raise
+        except BaseException:  # a broken family module: the next lookup tries again (and fails loudly)
+            _families_loaded = False
+            raise
 
 
 def _norm(name: str) -> str:
