@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import textwrap
+
+from ..cli import HelpFormatter
 
 
 def register(sub) -> None:
@@ -70,7 +74,7 @@ def register(sub) -> None:
                     "Size overrides: key=value for the study's options (lists comma-separated) or "
                     "train.FIELD=value for any training option. Under `torchrun --nproc-per-node N -m vitlab study` "
                     "the runs are shared out, one process per run.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=HelpFormatter)
     s.__class__ = _LazyEpilogParser  # the list of studies imports torch: built only when help is printed
     s._lazy_epilog = _study_epilog
     s.add_argument("name", help="study name (see below)")
@@ -106,11 +110,15 @@ def _study_epilog() -> str:
         from .study import STUDIES, get_study
 
         get_study("pooling")
+        width = shutil.get_terminal_size((100, 24)).columns - 2
         lines = ["built-in studies:"]
         for st in STUDIES.values():
             opts = ", ".join(f"{k}={v if not isinstance(v, list) else ','.join(map(str, v))}"
                              for k, v in st.params.items())
-            lines.append(f"  {st.name}: {st.description}\n      options: {opts}")
+            lines.append(textwrap.fill(f"{st.name}: {st.description}", width, initial_indent="  ",
+                                       subsequent_indent="      "))
+            lines.append(textwrap.fill(f"options: {opts}", width, initial_indent="      ",
+                                       subsequent_indent="        ", break_on_hyphens=False))
         return "\n".join(lines)
     except Exception:  # pragma: no cover - help must never fail
         return ""

@@ -7,14 +7,14 @@ import sys
 
 TRAIN_EXAMPLES = """\
 examples:
-  vitlab train                                  # small ViT on the bundled digits (< 1 min on 2 CPU cores)
+  vitlab train                      # small ViT on the bundled digits (< 1 min on 2 cores)
   vitlab train --config configs/fashion_mnist.yaml --data-dir /usr/share/datasets/fashion-mnist
   vitlab train --model vit_micro_p4 --dataset mnist --data-dir ../shared/data/mnist epochs=5 lr=2e-3
   vitlab train --resume runs/digits-vit_nano_p2-20250101-120000   # continue an interrupted run
   torchrun --nproc-per-node 2 -m vitlab train batch_size=128      # DDP (same global batch and lr)
 
-every option (set any of them as key=value after the flags; dotted keys set mapping entries,
-e.g. model_kwargs.pos_embed=sincos_2d; lists as [a,b]):
+every option (set any of them as key=value after the flags; dotted keys set
+mapping entries, e.g. model_kwargs.pos_embed=sincos_2d; lists as [a,b]):
 """
 
 
@@ -32,11 +32,11 @@ def _options_epilog() -> str:
     lines = [TRAIN_EXAMPLES]
     for name, tp, default, help_ in rows:
         head = f"  {name:<{wn}} {tp:<{wt}} default {default:<{wd}} "
-        if width - indent >= 30:  # wrap the help under its own column
-            help_ = textwrap.fill(help_, width, initial_indent=head, subsequent_indent=" " * indent)
-            lines.append(help_)
-        else:
-            lines.append(head + help_)
+        if width - indent >= 30:  # wrap the help in its own column
+            lines.append(textwrap.fill(help_, width, initial_indent=head, subsequent_indent=" " * indent))
+        else:  # a narrow terminal: the help on the lines below its row
+            lines.append(head.rstrip())
+            lines.append(textwrap.fill(help_, max(width, 40), initial_indent=" " * 6, subsequent_indent=" " * 6))
     return "\n".join(lines)
 
 
@@ -66,7 +66,7 @@ def _default(name: str):
 
 
 def register(sub) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
+    from ..cli import HelpFormatter as fmt  # descriptions wrapped, the example/option tables as written
     p = sub.add_parser(
         "train", help="train a model (default: a small ViT on digits)", formatter_class=fmt,
         description="Train a model. With no arguments: the default digits recipe (configs/digits.yaml), "
