@@ -397,6 +397,10 @@ def test_cli_bench_timm_without_timm_is_one_clear_error():
 
 _ALLOC_PROBE = """
 import resource, statistics, torch
+# the modules a training process has loaded (`import vitlab` no longer loads them): with only torch
+# loaded, the heap has few small free chunks, small allocations split the freed 64 MB block and the
+# next one lands above it, faulting again (6 of 6 runs pass with them loaded, 4 of 6 without)
+from vitlab import create_model, evaluate, finetune, from_transformers, load_model, predict, TrainConfig
 from vitlab.accel import ops as fast
 
 def faults():  # page faults of each of 5 allocations of a 64 MB tensor, written and freed (median)

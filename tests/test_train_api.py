@@ -74,7 +74,7 @@ def test_finetune_head_starts_at_zero(digits_run, tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_fit(cfg, model=None, bundle=None, verbose=True):
+    def fake_fit(cfg, model=None, bundle=None, verbose=True, **kwargs):
         seen.update(head=model.head.weight.detach().clone(), pos=model.pos_embed.detach().clone(), cfg=cfg)
         return None
 

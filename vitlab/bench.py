@@ -629,32 +629,7 @@ def loader_throughput(img_size: int, batch_size: int = 32, src_size: int | None 
 
 
 # ============================================================================ CLI
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="time a model (images/s, TFLOP/s, fraction of the matmul peak, memory), "
-                                     "optionally against transformers / timm / the paper's definition",
-                       description="Benchmark a model: warm-up, then the median of timed steps; images/s, "
-                                   "achieved TFLOP/s, the fraction of a matrix-product peak measured now on the "
-                                   "same device and dtype, peak memory; with --compare, the peer implementation "
-                                   "with the same weights, run alternately in the same process.")
-    p.add_argument("--model", default="vit_s16", help="model name or alias (see `vitlab models`)")
-    p.add_argument("--mode", default="infer", choices=MODES)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
-    p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
-                   help="auto: bf16 where the device runs it natively, else fp32 (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks (of the peer too); "
-                                                          "compile time is reported")
-    p.add_argument("--compare", default=None, help="transformers (ViT, CvT), timm (where installed), or paper "
-                                                   "(ConvMixer in plain PyTorch)")
-    p.add_argument("--reference", action="store_true", help="vitlab without its fast paths (the 'before')")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
-    p.add_argument("--loader", action="store_true", help="also time the data loader's batch transform")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.set_defaults(func=run)
+from .bench_cli import register  # noqa: E402,F401  (the options live where torch is not imported)
 
 
 def format_table(results: list[BenchResult]) -> str:

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
 from .errors import VitlabError
 
 COMMAND_MODULES = (
@@ -17,9 +18,19 @@ COMMAND_MODULES = (
     "vitlab.train.cli",       # train, eval, finetune, predict
     "vitlab.analysis.cli",    # analyze
     "vitlab.studies.cli",     # pretrain, fewshot, study
-    "vitlab.bench",           # bench
-    "vitlab.accel.cli",       # env
+    "vitlab.bench_cli",       # bench (vitlab/bench.py imports torch; its options live apart)
+    "vitlab.env_cli",         # env (what vitlab.accel found on this machine)
 )
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps a one-paragraph description to the terminal like argparse's default, but keeps text
+    with its own line breaks (example and option tables in epilogs) as written."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build, train, fine-tune, study and explain patch-based image models "
                     "(ViT, hybrid ResNet+ViT, CvT, ConvMixer, BiT ResNet).",
     )
+    parser.add_argument("--version", action="version", version=f"vitlab {__version__}",
+                        help="print vitlab's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

@@ -7,14 +7,44 @@ tensors, plus ConvMixer's weight figures and CvT's per-stage attention distance.
     embedding_filter_components(model, k=28)   -> FilterComponents(components (k, C, p, p), explained variance)
     collect_attentions(model, images, batch_size=64, mean=None, std=None) -> AttentionStats (one batched pass)
     analyze_model(model, images, out_dir, ...) / write_report(out_dir, analysis, run) / analyze_run(target, ...)
+
+The names are imported on first use (PEP 562), so `vitlab analyze --help` does not import torch.
 """
-from .attention import (AttentionStats, attention_distance, attention_rollout, collect_attentions, distance_matrix,
-                        mean_pairwise_distance, patch_centres)
-from .embeddings import (FilterComponents, depthwise_kernels, embedding_filter_components, patch_embedding_weight,
-                         pos_embed_similarity, position_embedding_table)
-from .report import analyze_model, analyze_run, write_report
+import importlib as _importlib
+
+# public name -> submodule that defines it
+_LAZY = {
+    "AttentionStats": "attention",
+    "attention_distance": "attention",
+    "attention_rollout": "attention",
+    "collect_attentions": "attention",
+    "distance_matrix": "attention",
+    "mean_pairwise_distance": "attention",
+    "patch_centres": "attention",
+    "FilterComponents": "embeddings",
+    "depthwise_kernels": "embeddings",
+    "embedding_filter_components": "embeddings",
+    "patch_embedding_weight": "embeddings",
+    "pos_embed_similarity": "embeddings",
+    "position_embedding_table": "embeddings",
+    "analyze_model": "report",
+    "analyze_run": "report",
+    "write_report": "report",
+}
 
 __all__ = ["attention_distance", "attention_rollout", "pos_embed_similarity", "embedding_filter_components",
            "collect_attentions", "AttentionStats", "FilterComponents", "distance_matrix", "patch_centres",
            "mean_pairwise_distance", "depthwise_kernels", "patch_embedding_weight", "position_embedding_table",
            "analyze_model", "analyze_run", "write_report"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -70,6 +70,18 @@ def _canonical(name: str) -> str:
     return key
 
 
+def _how_to_get(key: str) -> str | None:
+    """Where a data set's files come from (e.g. `apt-get install dataset-fashion-mnist`), the same
+    words as the message for files not found, so a config naming a missing folder keeps the hint."""
+    from . import cifar, idx
+
+    if key in idx.SPECS:
+        return idx.SPECS[key]["get"]
+    if key in cifar.SPECS:
+        return f"download https://www.cs.toronto.edu/~kriz/{cifar.SPECS[key]['archive']}"
+    return None
+
+
 def load_dataset(name: str, data_dir: str | None = None, *, val_fraction: float = 0.1, split_seed: int = 0,
                  on_bad_image: str = "skip", train_fraction: float = 1.0, **options) -> DataBundle:
     """Load a data set by name into memory (see the module docstring for names and options).
@@ -92,8 +104,10 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_fraction: float 
     if not 0.0 < float(train_fraction) <= 1.0:
         raise ConfigError(f"train_fraction must be in (0, 1], got {train_fraction}: use e.g. train_fraction=0.1")
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        hint = _how_to_get(key)
         raise DataError(f"data_dir {str(data_dir)!r} does not exist or is not a folder: "
-                        f"pass the folder that holds the {key} files (--data-dir DIR)")
+                        f"pass the folder that holds the {key} files (--data-dir DIR)"
+                        + (f"; to get them, {hint}" if hint else ""))
     meta: dict = {}
     in_chans = options.pop("in_chans", None)
     verify = bool(options.pop("verify", True))

@@ -170,18 +170,22 @@ def bytes_digest(data: bytes, algo: str = "sha256") -> str:
     return hashlib.new(algo, data).hexdigest()
 
 
-def candidate_dirs(name: str, data_dir: str | os.PathLike | None, defaults: list[str] = ()) -> list[Path]:
+def candidate_dirs(name: str, data_dir: str | os.PathLike | None, defaults: list[str] = (),
+                   how_to_get: str | None = None) -> list[Path]:
     """Folders a loader looks in, in order.
 
     With ``data_dir``: that folder and ``data_dir/<name>`` only (an explicit folder that does not
-    exist is an error, not a silent fall-back). Without: ``$VITLAB_DATA/<name>``, ``$VITLAB_DATA``,
+    exist is an error, not a silent fall-back; its message ends with ``how_to_get``, where the
+    files come from, as the message for files not found does: a config that names the folder,
+    such as configs/fashion_mnist.yaml, must not lose the hint). Without: ``$VITLAB_DATA/<name>``, ``$VITLAB_DATA``,
     ``./data/<name>``, ``~/data/<name>``, then the dataset's own system places (``defaults``).
     """
     if data_dir is not None:
         root = Path(data_dir).expanduser()
         if not root.is_dir():
             raise DataError(f"data_dir {str(root)!r} does not exist or is not a folder: "
-                            f"pass the folder that holds the {name} files (--data-dir DIR)")
+                            f"pass the folder that holds the {name} files (--data-dir DIR)"
+                            + (f"; to get them, {how_to_get}" if how_to_get else ""))
         return [root, root / name]
     dirs = []
     env = os.environ.get("VITLAB_DATA")

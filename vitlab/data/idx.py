@@ -169,7 +169,7 @@ def _find_file(folder: Path, stem: str) -> Path | None:
 
 def locate(name: str, data_dir=None) -> dict[str, Path]:
     spec = SPECS[name]
-    dirs = candidate_dirs(name, data_dir, spec["defaults"])
+    dirs = candidate_dirs(name, data_dir, spec["defaults"], how_to_get=spec["get"])
     partial = []
     for d in dirs:
         if not d.is_dir():

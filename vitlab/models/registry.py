@@ -34,6 +34,31 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 _ALIASES: dict[str, str] = {}
 
+# The modules that register families, imported on the first lookup (not when the package is
+# imported: `vitlab --help` must not import torch).
+FAMILY_MODULES = ("vit", "resnet", "hybrid", "cvt", "convmixer")
+_families_loaded = False
+
+
+def load_families() -> None:
+    """Import every family module once, so lookups see every registered variant."""
+    global _families_loaded
+    if _families_loaded:
+        return
+    _families_loaded = True  # set first: a family module that looks a name up must not recurse
+    import importlib
+
+    for mod in FAMILY_MODULES:
+        try:
+            importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as e:  # pragma: no cover - only while a family is being written
+            if e.name != f"{__package__}.{mod}":
+                _families_loaded = False
+                raise
+        except BaseException:  # a broken family module: the next lookup tries again (and fails loudly)
+            _families_loaded = False
+            raise
+
 
 def _norm(name: str) -> str:
     """Normalise a spelling: 'ViT-B/16' -> 'vitb16', 'vit_b16' -> 'vitb16'."""
@@ -59,6 +84,7 @@ def register_family(family: str, builder: Callable[..., nn.Module], variants: di
 
 def resolve_name(name: str) -> str:
     """Canonical name for a name or alias; ConfigError with close matches otherwise."""
+    load_families()
     if name in _REGISTRY:
         return name
     key = _norm(name)
@@ -76,6 +102,7 @@ def get_spec(name: str) -> ModelSpec:
 
 def list_models(family: str | None = None) -> list[str]:
     """Canonical names of every registered variant (optionally of one family)."""
+    load_families()
     return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
 
 

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import textwrap
+
+from ..cli import HelpFormatter
 
 
 def register(sub) -> None:
@@ -13,22 +17,31 @@ def register(sub) -> None:
                     "like any checkpoint. Extra `key=value` arguments set any training option.")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
                    help="training options (see `vitlab train --help`)")
-    p.add_argument("--objective", default="mpp", choices=["mpp"], help="pre-training objective (default mpp)")
-    p.add_argument("--model", default=None, help="a vit_* or hybrid model (default vit_nano_p2)")
-    p.add_argument("--dataset", default=None, help="data set (digits, mnist, fashion-mnist, cifar10, ...)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--target", default="color3bit", help="color3bit (paper), patch4x4 or l2")
-    p.add_argument("--mask-rate", type=float, default=0.5, help="fraction of patches corrupted (paper 0.5)")
-    p.add_argument("--mask-prob", type=float, default=0.8, help="of those, replaced by [MASK] (0.8)")
-    p.add_argument("--random-prob", type=float, default=0.1, help="of those, replaced by a random patch (0.1)")
-    p.add_argument("--out", default=None, help="runs folder (default runs)")
-    p.add_argument("--name", default=None, help="run directory name")
-    p.add_argument("--resume", default=None, help="run directory to continue")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--objective", default="mpp", choices=["mpp"],
+                   help="pre-training objective, masked patch prediction (default: %(default)s)")
+    p.add_argument("--model", default=None, help=f"a vit_* or hybrid model (default: {_train_default('model')})")
+    p.add_argument("--dataset", default=None,
+                   help=f"data set: digits, mnist, fashion-mnist, cifar10, ... (default: {_train_default('dataset')})")
+    p.add_argument("--data-dir", default=None, help="folder with the data set's files (default: where the loader "
+                                                    "looks, see the README's data sets)")
+    p.add_argument("--epochs", type=int, default=None, help=f"number of epochs (default: {_train_default('epochs')})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch size (default: {_train_default('batch_size')})")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {_train_default('lr')})")
+    p.add_argument("--img-size", type=int, default=None, help="training resolution (default: the data's own)")
+    p.add_argument("--target", default="color3bit",
+                   help="what is predicted: color3bit (the paper's), patch4x4 or l2 (default: %(default)s)")
+    p.add_argument("--mask-rate", type=float, default=0.5,
+                   help="fraction of patches corrupted (default: %(default)s, as the paper)")
+    p.add_argument("--mask-prob", type=float, default=0.8,
+                   help="of those, the fraction replaced by [MASK] (default: %(default)s)")
+    p.add_argument("--random-prob", type=float, default=0.1,
+                   help="of those, the fraction replaced by a random patch (default: %(default)s)")
+    p.add_argument("--out", default=None, help="parent folder of run directories (default: runs)")
+    p.add_argument("--name", default=None, help="run directory name (default: <dataset>-<model>-<time>)")
+    p.add_argument("--resume", default=None, help="run directory to continue (default: start a new run)")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of initialisation, data order and masking (default: {_train_default('seed')})")
     p.set_defaults(func=run_pretrain, _parser=p)
 
     # ------------------------------------------------------------------ fewshot
@@ -39,15 +52,18 @@ def register(sub) -> None:
                     "seeds; plus a full linear probe on every training image.")
     f.add_argument("checkpoint", help="run directory or .safetensors file")
     f.add_argument("--dataset", default=None, help="data set to evaluate on (default: the checkpoint's)")
-    f.add_argument("--data-dir", default=None)
-    f.add_argument("--shots", default="1,5,10,25", help="comma-separated shots per class (default 1,5,10,25)")
-    f.add_argument("--seeds", type=int, default=3, help="number of random draws per shot count (default 3)")
-    f.add_argument("--l2-reg", type=float, default=1.0, help="ridge regulariser (default 1.0)")
+    f.add_argument("--data-dir", default=None, help="folder with the data set's files (default: the checkpoint's)")
+    f.add_argument("--shots", default="1,5,10,25", help="comma-separated shots per class (default: %(default)s)")
+    f.add_argument("--seeds", type=int, default=3,
+                   help="number of random draws per shot count (default: %(default)s)")
+    f.add_argument("--l2-reg", type=float, default=1.0, help="ridge regulariser (default: %(default)s)")
     f.add_argument("--feature", default="pre_logits", choices=["pre_logits", "token", "avg"],
-                   help="pre_logits: the model's own pooled features (CLS or GAP); token/avg force one (ViT)")
-    f.add_argument("--no-linear-probe", action="store_true", help="skip the full linear probe")
-    f.add_argument("--batch-size", type=int, default=256)
-    f.add_argument("--json", default=None, help="also write the results to this JSON file")
+                   help="pre_logits: the model's own pooled features (CLS or GAP); token/avg force one (ViT) "
+                        "(default: %(default)s)")
+    f.add_argument("--no-linear-probe", action="store_true", help="skip the full linear probe (default: off)")
+    f.add_argument("--batch-size", type=int, default=256,
+                   help="images per forward pass of feature extraction (default: %(default)s)")
+    f.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     f.set_defaults(func=run_fewshot)
 
     # ------------------------------------------------------------------ study
@@ -58,16 +74,35 @@ def register(sub) -> None:
                     "Size overrides: key=value for the study's options (lists comma-separated) or "
                     "train.FIELD=value for any training option. Under `torchrun --nproc-per-node N -m vitlab study` "
                     "the runs are shared out, one process per run.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_study_epilog())
+        formatter_class=HelpFormatter)
+    s.__class__ = _LazyEpilogParser  # the list of studies imports torch: built only when help is printed
+    s._lazy_epilog = _study_epilog
     s.add_argument("name", help="study name (see below)")
-    s.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value")
-    s.add_argument("--dataset", default=None)
-    s.add_argument("--epochs", type=int, default=None)
-    s.add_argument("--out", default=None, help="output folder (default results/NAME)")
-    s.add_argument("--no-plot", action="store_true")
-    s.add_argument("--list", action="store_true", help="only print the runs the study would train")
+    s.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
+                   help="study options (lists comma-separated) or train.FIELD=value for any training option")
+    s.add_argument("--dataset", default=None, help="data set of every run (default: the study's own, see below)")
+    s.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the study's own)")
+    s.add_argument("--out", default=None, help="output folder (default: results/NAME)")
+    s.add_argument("--no-plot", action="store_true", help="skip plot.png (default: off, the plot is written)")
+    s.add_argument("--list", action="store_true",
+                   help="only print the runs the study would train (default: off)")
     s.set_defaults(func=run_study_cmd, _parser=s)
+
+
+def _train_default(name: str):
+    """The training option's default (vitlab/train/config.py imports no torch)."""
+    from ..train.config import TrainConfig
+
+    return getattr(TrainConfig(), name)
+
+
+class _LazyEpilogParser(argparse.ArgumentParser):
+    """Builds its epilog only when help is printed."""
+
+    def format_help(self):
+        if self.epilog is None and getattr(self, "_lazy_epilog", None):
+            self.epilog = self._lazy_epilog()
+        return super().format_help()
 
 
 def _study_epilog() -> str:
@@ -75,11 +110,15 @@ def _study_epilog() -> str:
         from .study import STUDIES, get_study
 
         get_study("pooling")
+        width = shutil.get_terminal_size((100, 24)).columns - 2
         lines = ["built-in studies:"]
         for st in STUDIES.values():
             opts = ", ".join(f"{k}={v if not isinstance(v, list) else ','.join(map(str, v))}"
                              for k, v in st.params.items())
-            lines.append(f"  {st.name}: {st.description}\n      options: {opts}")
+            lines.append(textwrap.fill(f"{st.name}: {st.description}", width, initial_indent="  ",
+                                       subsequent_indent="      "))
+            lines.append(textwrap.fill(f"options: {opts}", width, initial_indent="      ",
+                                       subsequent_indent="        ", break_on_hyphens=False))
         return "\n".join(lines)
     except Exception:  # pragma: no cover - help must never fail
         return ""
@@ -189,7 +228,7 @@ def run_fewshot(args) -> int:
     k = bundle.num_classes
     results = few_shot_eval(tx, ty, vx, vy, shots, seeds=range(args.seeds), l2_reg=args.l2_reg, num_classes=k)
     print(f"few-shot linear evaluation of {info['checkpoint']} on {bundle.name} ({len(vy)} val images, "
-          f"{k} classes, {tx.shape[1]}-d {args.feature} features, l2_reg {args.l2_reg:g}, {args.seeds} seeds)")
+          f"{k} classes, {tx.shape[1]}-d {args.feature} features, l2_reg {args.l2_reg:g}, {args.seeds} seed{'s' if args.seeds != 1 else ''})")
     for r in results:
         print(f"  {r.shots:>4}-shot: {100 * r.mean:6.2f}% +- {100 * r.std:.2f}")
     out = {"checkpoint": info["checkpoint"], "dataset": bundle.name, "feature": args.feature,

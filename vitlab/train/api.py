@@ -185,11 +185,39 @@ def finetune(checkpoint: str | Path, dataset: str, img_size: int | None = None, 
     new_size = resolve_img_size(cfg, bundle)  # default: the new data's own size
     cfg = dataclasses.replace(cfg, img_size=new_size, num_classes=int(bundle.num_classes),
                               in_chans=int(bundle.in_chans))
+    before, old_grid = _shapes(model), getattr(model, "grid_size", None)
     _adapt_model(model, bundle.num_classes, new_size, info)
+    notes = describe_resampling(before, _shapes(model), info["img_size"], new_size, old_grid,
+                                getattr(model, "grid_size", None))
     model.train()
     # the run must be rebuildable from its config (checkpoints, resume, load_model)
     cfg = _matching_config(cfg, model)
-    return fit(cfg, model=model, bundle=bundle, verbose=verbose)
+    return fit(cfg, model=model, bundle=bundle, verbose=verbose, notes=notes)
+
+
+def _shapes(model) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def describe_resampling(before: dict, after: dict, old_size, new_size, old_grid=None, new_grid=None) -> list[str]:
+    """The log line saying what fine-tuning at a new resolution resampled: every tensor outside the
+    classifier whose shape changed (position embeddings, relative-position tables), from which
+    patch grid to which. Empty when the resolution is unchanged."""
+    def hw(size):
+        return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+    if hw(old_size) == hw(new_size):
+        return []
+    head = {k for k in before if k.startswith(("head.", "fc.", "classifier."))}
+    changed = [f"{k} {'x'.join(map(str, before[k]))} -> {'x'.join(map(str, after[k]))}"
+               for k in before if k in after and before[k] != after[k] and k not in head]
+    (oh, ow), (nh, nw) = hw(old_size), hw(new_size)
+    grid = ""
+    if old_grid and new_grid and tuple(old_grid) != tuple(new_grid):
+        grid = f", patch grid {'x'.join(map(str, old_grid))} -> {'x'.join(map(str, new_grid))}"
+    what = ("resampled " + ", ".join(changed) + " by interpolation" if changed
+            else "no position embedding to resample")
+    return [f"fine-tuning at {nh}x{nw} px (trained at {oh}x{ow}){grid}: {what}"]
 
 
 def _adapt_model(model, num_classes: int, img_size: int, info: dict) -> None:
@@ -273,6 +301,16 @@ def predict(checkpoint: str | Path, images: Sequence[str | Path], topk: int = 5,
     batch = [tf(_read_image(p, info["in_chans"])[None], torch.zeros(1, dtype=torch.int64))[0] for p in images]
     probs = model(torch.cat(batch).to(dev)).float().softmax(dim=-1).cpu()
     top = probs.topk(min(topk, k), dim=-1)
-    return [{"image": str(p), "top": [{"class": names[int(i)], "index": int(i), "prob": float(v)}
-                                      for v, i in zip(top.values[n], top.indices[n])]}
-            for n, p in enumerate(images)]
+    results = [{"image": str(p), "top": [{"class": names[int(i)], "index": int(i), "prob": float(v)}
+                                         for v, i in zip(top.values[n], top.indices[n])]}
+               for n, p in enumerate(images)]
+    _add_input_notes(results, info)
+    return results
+
+
+def _add_input_notes(results: list[dict], info: dict) -> None:
+    """results[i]['note']: what was done to an image unlike the training data (None when alike)."""
+    from ..data.inputs import describe_input_conversion
+
+    for r in results:
+        r["note"] = describe_input_conversion(r["image"], info["img_size"], info["in_chans"])

@@ -7,23 +7,36 @@ import sys
 
 TRAIN_EXAMPLES = """\
 examples:
-  vitlab train                                  # small ViT on the bundled digits (< 1 min on 2 CPU cores)
+  vitlab train                      # small ViT on the bundled digits (< 1 min on 2 cores)
   vitlab train --config configs/fashion_mnist.yaml --data-dir /usr/share/datasets/fashion-mnist
   vitlab train --model vit_micro_p4 --dataset mnist --data-dir ../shared/data/mnist epochs=5 lr=2e-3
   vitlab train --resume runs/digits-vit_nano_p2-20250101-120000   # continue an interrupted run
   torchrun --nproc-per-node 2 -m vitlab train batch_size=128      # DDP (same global batch and lr)
 
-every option (set any of them as key=value after the flags; dotted keys set mapping entries,
-e.g. model_kwargs.pos_embed=sincos_2d; lists as [a,b]):
+every option (set any of them as key=value after the flags; dotted keys set
+mapping entries, e.g. model_kwargs.pos_embed=sincos_2d; lists as [a,b]):
 """
 
 
 def _options_epilog() -> str:
     from .config import describe_fields
 
+    import shutil
+    import textwrap
+
+    rows = describe_fields()
+    # column widths from the rows themselves, so a long type (randaugment's) or default cannot shift its row
+    wn, wt, wd = (max(len(r[i]) for r in rows) for i in range(3))
+    indent = 2 + wn + 1 + wt + 1 + len("default ") + wd + 1
+    width = shutil.get_terminal_size((100, 24)).columns - 1
     lines = [TRAIN_EXAMPLES]
-    for name, tp, default, help_ in describe_fields():
-        lines.append(f"  {name:<20} {tp:<18} default {default:<14} {help_}")
+    for name, tp, default, help_ in rows:
+        head = f"  {name:<{wn}} {tp:<{wt}} default {default:<{wd}} "
+        if width - indent >= 30:  # wrap the help in its own column
+            lines.append(textwrap.fill(help_, width, initial_indent=head, subsequent_indent=" " * indent))
+        else:  # a narrow terminal: the help on the lines below its row
+            lines.append(head.rstrip())
+            lines.append(textwrap.fill(help_, max(width, 40), initial_indent=" " * 6, subsequent_indent=" " * 6))
     return "\n".join(lines)
 
 
@@ -45,8 +58,15 @@ class _OverridesParser(argparse.ArgumentParser):
         return super().format_help()
 
 
+def _default(name: str):
+    """A training option's default as `vitlab train` with no arguments uses it (config.py imports no torch)."""
+    from .config import TrainConfig
+
+    return getattr(TrainConfig(), name)
+
+
 def register(sub) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
+    from ..cli import HelpFormatter as fmt  # descriptions wrapped, the example/option tables as written
     p = sub.add_parser(
         "train", help="train a model (default: a small ViT on digits)", formatter_class=fmt,
         description="Train a model. With no arguments: the default digits recipe (configs/digits.yaml), "
@@ -57,21 +77,29 @@ def register(sub) -> None:
     p.__class__ = _OverridesParser
     p._lazy_epilog = _options_epilog
     p.epilog = None
-    p.add_argument("--config", metavar="FILE", help="YAML config file (see configs/)")
-    p.add_argument("--model", help="model variant, e.g. vit_nano_p2, vit_micro_p4, vit_b16 (`vitlab models`)")
-    p.add_argument("--dataset", help="digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic")
-    p.add_argument("--data-dir", metavar="DIR", help="folder with the data set's files")
-    p.add_argument("--epochs", type=int, help="number of epochs")
-    p.add_argument("--batch-size", type=int, help="global batch size (over processes and accumulation)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML config file, see configs/ (default: none, the defaults listed below)")
+    p.add_argument("--model", help="model variant, e.g. vit_nano_p2, vit_micro_p4, vit_b16 (`vitlab models`) "
+                                   f"(default: {_default('model')})")
+    p.add_argument("--dataset", help="digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic "
+                                     f"(default: {_default('dataset')})")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder with the data set's files (default: where the loader looks, see the README)")
+    p.add_argument("--epochs", type=int, help=f"number of epochs (default: {_default('epochs')})")
+    p.add_argument("--batch-size", type=int, help="global batch size, over processes and accumulation "
+                                                  f"(default: {_default('batch_size')})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default: {_default('lr')})")
     p.add_argument("--img-size", type=int, help="training resolution (default: the data's own)")
-    p.add_argument("--out", metavar="DIR", help="parent folder of run directories (default runs)")
-    p.add_argument("--name", help="run directory name (default <dataset>-<model>-<time>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, help="seed of initialisation, data order and augmentation")
-    p.add_argument("--quiet", action="store_true", help="no log lines or progress bar (the result is still printed)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--out", metavar="DIR", help=f"parent folder of run directories (default: {_default('out')})")
+    p.add_argument("--name", help="run directory name (default: <dataset>-<model>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint (default: start a new run)")
+    p.add_argument("--device", help=f"auto, cpu, cuda, cuda:N (default: {_default('device')})")
+    p.add_argument("--seed", type=int, help="seed of initialisation, data order and augmentation "
+                                            f"(default: {_default('seed')})")
+    p.add_argument("--quiet", action="store_true",
+                   help="no log lines or progress bar; the result is still printed (default: off)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (default: off)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any option below, e.g. epochs=10 hflip=true")
     p.set_defaults(func=run_train)
 
@@ -81,14 +109,17 @@ def register(sub) -> None:
                                    "held-out split, with the run's preprocessing.")
     e.add_argument("checkpoint", metavar="RUN_or_CHECKPOINT", help="run directory or .safetensors file")
     e.add_argument("--dataset", help="data set to evaluate on (default: the run's)")
-    e.add_argument("--data-dir", metavar="DIR", help="folder with the data set's files")
-    e.add_argument("--split", default="val", choices=("val", "train"), help="which split (default val)")
-    e.add_argument("--batch-size", type=int, default=512, help="evaluation batch size (default 512)")
-    e.add_argument("--best", action="store_true", help="the run's best checkpoint instead of the last")
-    e.add_argument("--no-ema", action="store_true", help="the raw weights even when the run kept an EMA")
-    e.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default <run>/eval-<data>-<split>)")
-    e.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
-    e.add_argument("--json", action="store_true", help="print the full result as JSON")
+    e.add_argument("--data-dir", metavar="DIR", help="folder with the data set's files (default: the run's)")
+    e.add_argument("--split", default="val", choices=("val", "train"), help="which split (default: %(default)s)")
+    e.add_argument("--batch-size", type=int, default=512, help="evaluation batch size (default: %(default)s)")
+    e.add_argument("--best", action="store_true",
+                   help="the run's best checkpoint instead of the last (default: off, the last)")
+    e.add_argument("--no-ema", action="store_true",
+                   help="the raw weights even when the run kept an EMA (default: off, the EMA's)")
+    e.add_argument("--out", metavar="DIR",
+                   help="where eval.json and confusion.png go (default: <run>/eval-<data>-<split>)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, auto (default: %(default)s)")
+    e.add_argument("--json", action="store_true", help="print the full result as JSON (default: off)")
     e.set_defaults(func=run_eval)
 
     f = sub.add_parser("finetune", help="fine-tune a trained model on another data set (the paper's recipe)",
@@ -98,19 +129,22 @@ def register(sub) -> None:
                                    "weight decay, gradient clipping at 1, linear warmup then cosine decay. "
                                    "Any training option can be overridden as key=value.")
     f.add_argument("checkpoint", metavar="CHECKPOINT", help="run directory or .safetensors file to start from")
-    f.add_argument("--dataset", help="the new data set (e.g. imagefolder with --data-dir); required unless in --config")
-    f.add_argument("--data-dir", metavar="DIR", help="folder with the data set's files")
+    f.add_argument("--dataset", help="the new data set, e.g. imagefolder with --data-dir (default: none; "
+                                     "required unless in --config)")
+    f.add_argument("--data-dir", metavar="DIR", help="folder with the data set's files (default: where the "
+                                                     "loader looks, see the README)")
     f.add_argument("--img-size", type=int, help="fine-tuning resolution (default: the new data's own)")
-    f.add_argument("--epochs", type=int, help="number of epochs (default 10)")
-    f.add_argument("--batch-size", type=int, help="global batch size (default 64)")
-    f.add_argument("--lr", type=float, help="peak learning rate (default 0.01)")
-    f.add_argument("--optimizer", help="sgd (default), adamw or adam")
-    f.add_argument("--out", metavar="DIR", help="parent folder of run directories (default runs)")
-    f.add_argument("--name", help="run directory name")
-    f.add_argument("--quiet", action="store_true", help="no log lines or progress bar")
-    f.add_argument("--json", action="store_true", help="print the summary as JSON")
+    f.add_argument("--epochs", type=int, help="number of epochs (default: 10)")
+    f.add_argument("--batch-size", type=int, help="global batch size (default: 64)")
+    f.add_argument("--lr", type=float, help="peak learning rate (default: 0.01)")
+    f.add_argument("--optimizer", help="sgd, adamw or adam (default: sgd)")
+    f.add_argument("--out", metavar="DIR", help=f"parent folder of run directories (default: {_default('out')})")
+    f.add_argument("--name", help="run directory name (default: <dataset>-<model>-<time>)")
+    f.add_argument("--quiet", action="store_true", help="no log lines or progress bar (default: off)")
+    f.add_argument("--json", action="store_true", help="print the summary as JSON (default: off)")
     f.add_argument("overrides", nargs="*", metavar="key=value", help="any `vitlab train` option, e.g. hflip=true")
-    f.add_argument("--config", metavar="FILE", help="YAML file of training options (e.g. configs/finetune_flowers.yaml)")
+    f.add_argument("--config", metavar="FILE", help="YAML file of training options, e.g. "
+                                                    "configs/finetune_flowers.yaml (default: none)")
     f.__class__ = _OverridesParser
     f.set_defaults(func=run_finetune)
 
@@ -119,9 +153,10 @@ def register(sub) -> None:
                                    "classes with their probabilities, using the model's own preprocessing.")
     q.add_argument("checkpoint", metavar="CHECKPOINT", help="run directory or .safetensors file")
     q.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    q.add_argument("--topk", type=int, default=5, help="how many classes per image (default 5)")
-    q.add_argument("--best", action="store_true", help="the run's best checkpoint instead of the last")
-    q.add_argument("--json", action="store_true", help="print JSON")
+    q.add_argument("--topk", type=int, default=5, help="how many classes per image (default: %(default)s)")
+    q.add_argument("--best", action="store_true",
+                   help="the run's best checkpoint instead of the last (default: off, the last)")
+    q.add_argument("--json", action="store_true", help="print JSON (default: off)")
     q.set_defaults(func=run_predict)
 
 
@@ -164,6 +199,8 @@ def run_train(args) -> int:
 
 
 def _report(result, args, verb: str) -> int:
+    from .runlog import plural
+
     s = result.summary
     if getattr(args, "json", False) and result.rank == 0:
         print(json.dumps(s, indent=1))
@@ -179,7 +216,7 @@ def _report(result, args, verb: str) -> int:
     else:
         what = "no evaluation yet"
     state = "" if s.get("finished") else f" (stopped at step {s['steps']}; continue with --resume)"
-    print(f"{verb} {s['model']} on {s['dataset']}: {what} after {s['epochs']} epochs in {s['wall_s']:.1f} s"
+    print(f"{verb} {s['model']} on {s['dataset']}: {what} after {plural(s['epochs'], 'epoch')} in {s['wall_s']:.1f} s"
           f"{state}")
     print(f"run: {result.run_dir}   (vitlab eval {result.run_dir}; curves.png, metrics.jsonl, checkpoints/)")
     return 0
@@ -247,6 +284,8 @@ def run_predict(args) -> int:
         print(json.dumps(results, indent=1))
         return 0
     for r in results:
+        if r.get("note"):
+            print(r["note"], file=sys.stderr)
         tops = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"])
         print(f"{r['image']}: {tops}")
     return 0

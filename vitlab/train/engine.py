@@ -31,7 +31,7 @@ from . import distributed as D
 from .config import SESSION_FIELDS, TrainConfig, save_config
 from .objectives import build_objective
 from .optim import ModelEma, build_optimizer, lr_at
-from .runlog import RunLog, plot_curves, read_jsonl
+from .runlog import RunLog, plot_curves, plural, read_jsonl
 
 
 @dataclass
@@ -238,18 +238,19 @@ def _meta(cfg: TrainConfig, bundle, step: int, epoch: int) -> dict:
 
 # ---------------------------------------------------------------------------- the loop
 def fit(cfg: TrainConfig, model: nn.Module | None = None, bundle=None, verbose: bool = True,
-        merge_resume: bool = True) -> RunResult:
+        merge_resume: bool = True, notes: tuple[str, ...] | list[str] = ()) -> RunResult:
     """Train `cfg` (optionally starting from a prepared `model`, e.g. for fine-tuning, and/or
     an already loaded data bundle). Returns the run directory and its summary.
 
     With `cfg.resume` set, the run's saved config is used; `merge_resume` overrides it with the
     fields of `cfg` that differ from the defaults (the API), otherwise `cfg` is taken as the
-    complete config (the CLI, which knows which options were given)."""
+    complete config (the CLI, which knows which options were given). `notes` are lines for the
+    run's log after its first line (e.g. what fine-tuning changed in the model)."""
     info = D.init_distributed(cfg.device)
     threads = torch.get_num_threads()
     completed = False
     try:
-        result = _fit(cfg, info, model, bundle, verbose, merge_resume)
+        result = _fit(cfg, info, model, bundle, verbose, merge_resume, notes)
         completed = True
         return result
     finally:
@@ -258,7 +259,7 @@ def fit(cfg: TrainConfig, model: nn.Module | None = None, bundle=None, verbose: 
 
 
 def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, verbose: bool,
-         merge_resume: bool) -> RunResult:
+         merge_resume: bool, notes=()) -> RunResult:
     wall0 = time.perf_counter()
     # ------------------------------------------------------------ resume: the saved config rules
     resume = None
@@ -392,10 +393,12 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     n_params = sum(p.numel() for p in raw.parameters()) if not cfg.fsdp else None
 
     log.line(f"run {run_dir}: {cfg.model} on {cfg.dataset} ({n_train} train / {len(bundle.val.labels)} val, "
-             f"{cfg.num_classes} classes, {img_size}x{img_size}x{cfg.in_chans}), {cfg.epochs} epochs x "
-             f"{steps_per_epoch} steps of {B} images, {cfg.optimizer} lr {cfg.lr:g}, {W} process(es) on {device.type}"
+             f"{cfg.num_classes} classes, {img_size}x{img_size}x{cfg.in_chans}), {plural(cfg.epochs, 'epoch')} x "
+             f"{plural(steps_per_epoch, 'step')} of {B} images, {cfg.optimizer} lr {cfg.lr:g}, {W} process(es) on {device.type}"
              + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
              + (f", {amp_dtype}".replace("torch.", "") if amp_dtype else ""))
+    for note in notes:
+        log.line(note)
 
     train_tf, eval_tf = make_transforms(cfg, bundle, img_size)
     images, labels = bundle.train.images, bundle.train.labels

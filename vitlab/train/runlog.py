@@ -4,9 +4,47 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
+
+
+def plural(n: int, word: str) -> str:
+    """'1 epoch', '30 epochs'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def terminal_width() -> int | None:
+    """Columns of the terminal standard output is, None when it is not a terminal (a file or a
+    pipe keeps one record per line)."""
+    try:
+        if not sys.stdout.isatty():
+            return None
+    except (AttributeError, ValueError):  # a replaced or closed stdout
+        return None
+    return shutil.get_terminal_size().columns
+
+
+def fit_width(text: str, width: int | None, sep: str = " | ") -> str:
+    """Break a line longer than `width` at its ' | ' separators (else at spaces), never inside a
+    word, continuation lines indented: a terminal would otherwise wrap it mid-word."""
+    if width is None or len(text) <= width:
+        return text
+    width = max(width, 20)
+    parts = text.split(sep)
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if len(lines[-1]) + len(sep) + len(part) <= width:
+            lines[-1] += sep + part
+        else:
+            lines.append("    " + part)
+    out = []
+    for ln in lines:
+        out.extend(textwrap.wrap(ln, width, subsequent_indent="    ", break_long_words=False,
+                                 break_on_hyphens=False, drop_whitespace=True) if len(ln) > width else [ln])
+    return "\n".join(out)
 
 
 def progress_allowed() -> bool:
@@ -37,9 +75,9 @@ class RunLog:
         stamp = time.strftime("%H:%M:%S")
         if self.verbose:
             if self._bar is not None:
-                self._bar.console.print(text, highlight=False)
+                self._bar.console.print(fit_width(text, self._bar.console.width), highlight=False)
             else:
-                print(text, flush=True)
+                print(fit_width(text, terminal_width()), flush=True)
         if self.enabled:
             with open(self.run_dir / "train.log", "a") as f:
                 f.write(f"{stamp} {text}\n")

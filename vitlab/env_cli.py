@@ -21,9 +21,9 @@ def report() -> dict:
 
     import torch
 
-    from .. import __version__
-    from . import kernels, paths
-    from .caps import auto_dtype, capabilities
+    from . import __version__
+    from .accel import kernels, paths
+    from .accel.caps import auto_dtype, capabilities
 
     c = capabilities()
     return {
