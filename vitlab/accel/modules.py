@@ -62,21 +62,15 @@ class FastAttention(Attention):
                 and ops.attention_qkv_train_ok(qkv)):
             x, attn = ck.attention_qkv_train(qkv, self.scale, queries), None
         else:
-            x, attn = self._fast_attention(qkv, return_attn, bias, queries)
+            x, attn = self._attention(qkv, return_attn, bias, queries)
         if residual is not None and not (self.training and self.proj_drop.p > 0):
             return ops.linear(x, self.proj, residual=residual), attn
         out = self.proj_drop(ops.linear(x, self.proj))
         return (out if residual is None else residual + out), attn
 
-    def _fast_attention(self, qkv, return_attn: bool, bias, queries):
-        B = qkv.shape[0]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if queries is not None:
-            q = q[:, :, :queries]
-            bias = None if bias is None else bias[..., :queries, :]
-        x, attn = ops.attention(q, k, v, self.scale, bias, self.attn_drop, self.training, need_weights=return_attn,
-                                cpu_kernel=self.cpu_kernel)
-        return x.transpose(1, 2).reshape(B, q.shape[2], -1), attn
+    def attend(self, q, k, v, bias, need_weights: bool):
+        return ops.attention(q, k, v, self.scale, bias, self.attn_drop, self.training, need_weights=need_weights,
+                             cpu_kernel=self.cpu_kernel)
 
 
 class FastMlp(Mlp):

@@ -224,8 +224,12 @@ class Attention(nn.Module):
         if queries is not None:
             q = q[:, :, :queries]
             bias = None if bias is None else bias[..., :queries, :]
-        x, attn = attention(q, k, v, self.scale, bias, self.attn_drop, self.training, need_weights=return_attn)
+        x, attn = self.attend(q, k, v, bias, return_attn)
         return x.transpose(1, 2).reshape(B, q.shape[2], -1), attn
+
+    def attend(self, q, k, v, bias, need_weights: bool):
+        """The attention core on (B, H, N, d): softmax(q k^T * scale + bias) v (and the probabilities)."""
+        return attention(q, k, v, self.scale, bias, self.attn_drop, self.training, need_weights=need_weights)
 
 
 class Mlp(nn.Module):
