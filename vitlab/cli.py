@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "vitlab.analysis.cli",    # analyze
     "vitlab.studies.cli",     # pretrain, fewshot, study
     "vitlab.bench",           # bench
+    "vitlab.deploy.cli",      # export (predict's options are in vitlab.train.cli)
 )
 
 
