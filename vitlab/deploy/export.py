@@ -119,7 +119,12 @@ def load_exported(path: str | Path, fixed_batch: int | None = None):
     raise ConfigError(f"{p.name}: unknown exported file type; expected .onnx, .pt (TorchScript) or .pt2 (torch.export)")
 
 
-def _in_chunks(fn, x: torch.Tensor, size: int = 64) -> torch.Tensor:
+# images per forward pass in the checks. It matters for int8: dynamic quantisation takes one
+# activation scale per tensor, i.e. per batch, so an image's int8 logits depend slightly on its batch.
+CHECK_BATCH = 64
+
+
+def _in_chunks(fn, x: torch.Tensor, size: int = CHECK_BATCH) -> torch.Tensor:
     return torch.cat([fn(x[s:s + size]) for s in range(0, x.shape[0], size)])
 
 
@@ -208,19 +213,28 @@ def _write_model(model, example: torch.Tensor, path: Path, fmt: str, fixed_batch
             torch.export.save(ep, str(path))
 
 
-def _quantize_int8(src: Path, dst: Path) -> None:
+def _quantize_int8(src: Path, dst: Path) -> str:
+    """Dynamic int8 quantisation with ONNX Runtime: int8 weights, activations quantised per batch
+    at run time, no calibration data. Every MatMul/Gemm/Conv is quantised except the first
+    convolution (the patch embedding or stem), which sees raw pixels: quantising it cost ViTs on
+    MNIST 0.4 points of top-1 agreement with fp32 (98.9% -> 99.3% without it). Returns what was done."""
+    onnx = _need("onnx")
     q = _need("onnxruntime.quantization")
+    pre = dst.with_suffix(".pre.onnx")
     with _quiet():
-        # Dynamic quantisation: int8 weights, activations quantised per batch at run time; no
-        # calibration data needed. Shape inference first lets it quantise every MatMul/Gemm/Conv.
-        pre = dst.with_suffix(".pre.onnx")
-        try:
+        try:  # shape inference and graph clean-up first, as ONNX Runtime recommends before quantising
             q.quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             source = pre
-        except Exception:  # pre-processing is an optimisation; quantise the plain file if it fails
+        except Exception:  # an optimisation only; quantise the plain file if it fails
             source = src
-        q.quantize_dynamic(str(source), str(dst), weight_type=q.QuantType.QInt8)
-        pre.unlink(missing_ok=True)
+        graph = onnx.load(str(source)).graph
+        first_conv = next((n.name for n in graph.node if n.op_type == "Conv"), None)
+        q.quantize_dynamic(str(source), str(dst), weight_type=q.QuantType.QInt8,
+                           op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                           nodes_to_exclude=[first_conv] if first_conv else [])
+    pre.unlink(missing_ok=True)
+    return ("onnxruntime quantize_dynamic: int8 weights of MatMul/Gemm/Conv"
+            + (" except the first convolution (kept fp32)" if first_conv else ""))
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -324,12 +338,12 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, *,
     if dtype == "int8":
         qpath = out_dir / "model.int8.onnx"
         t0 = time.perf_counter()
-        _quantize_int8(path, qpath)
+        method = _quantize_int8(path, qpath)
         q_logits = _in_chunks(OrtRunner(qpath), x)
         acc_fp32 = report["accuracy_exported"]
         acc_int8 = float((q_logits.argmax(1) == labels).float().mean())
         report["int8"] = {
-            "file": str(qpath), "bytes": qpath.stat().st_size, "method": "onnxruntime quantize_dynamic (QInt8 weights)",
+            "file": str(qpath), "bytes": qpath.stat().st_size, "method": method,
             "quantize_s": round(time.perf_counter() - t0, 2), "accuracy_fp32": acc_fp32, "accuracy_int8": acc_int8,
             "accuracy_change": acc_int8 - acc_fp32, "top1_agreement_with_fp32": _agreement(q_logits, got),
             "max_abs_logit_diff_vs_fp32": float((q_logits - got).abs().max()),
