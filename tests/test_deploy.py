@@ -89,12 +89,20 @@ def test_onnx_export_computes_vitlabs_logits(tmp_path, model, img_size, kwargs):
     assert torch.allclose(Preprocess(spec).batch(val_images), x, atol=1e-6)
 
 
-def test_dynamic_image_size_export_runs_at_other_sizes(tmp_path):
-    run_dir = _run(tmp_path, "vit_nano_p2", 8, pos_embed="sincos_2d", dynamic_img_size=True, **TINY)
+@pytest.mark.parametrize("model, img_size, kwargs", [
+    ("vit_nano_p2", 8, {**TINY, "pos_embed": "sincos_2d", "dynamic_img_size": True}),
+    ("vit_nano_p2", 8, {**TINY, "pos_embed": "none", "global_pool": "avg", "dynamic_img_size": True}),
+    ("rsmall_vit_micro", 32, {"pos_embed": "sincos_1d", "dynamic_img_size": True}),
+    ("cvt_tiny", 28, {}), ("convmixer_256_8", 32, {}), ("resnet_small", 32, {}),
+], ids=["vit-sincos_2d", "vit-none-avg", "hybrid-sincos_1d", "cvt", "convmixer", "resnet"])
+def test_dynamic_image_size_export_runs_at_other_sizes(tmp_path, model, img_size, kwargs):
+    run_dir = _run(tmp_path, model, img_size, **kwargs)
     rep = export(run_dir, "onnx", img_size="dynamic", batch=None)
-    assert rep["dynamic_size"] and rep["other_size"]["size"] == [16, 16]
-    assert rep["other_size"]["max_abs_logit_diff"] < 1e-4
-    model, x, _ = _val_inputs(run_dir, size=(12, 20))
+    assert rep["dynamic_size"] and rep["other_size"]["size"] == [2 * img_size, 2 * img_size]
+    assert rep["other_size"]["max_abs_logit_diff"] < 1e-4 and rep["ok"]
+    # a third size, not square, checked here by hand
+    h, w = (12, 20) if img_size == 8 else (img_size + 16, img_size + 32)
+    model, x, _ = _val_inputs(run_dir, size=(h, w))
     with torch.no_grad():
         want = model(x)
     assert (_onnx_logits(rep["file"], x) - want).abs().max() < 1e-4
@@ -110,7 +118,7 @@ def test_learned_position_embeddings_export_at_a_chosen_fixed_size(tmp_path):
     with torch.no_grad():
         assert (_onnx_logits(rep["file"], x) - model(x)).abs().max() < 1e-4
     fixed = _run(tmp_path, "vit_nano_p2", 8, name="fixed", **TINY)
-    with pytest.raises(ConfigError, match=r"built for 8x8 images.*vitlab finetune RUN --img-size 16"):
+    with pytest.raises(ConfigError, match=r"built for 8x8 images and cannot run at 16x16.*vitlab finetune RUN --img-size 16"):
         export(fixed, "onnx", img_size=16)
 
 

@@ -143,17 +143,37 @@ def _parse_batch(batch) -> int | None:
     return b
 
 
+def _runs_at(model, in_chans: int, size: list[int]) -> bool:
+    """Whether the model takes images of `size`: ViTs say so (dynamic_img_size); convolutional
+    models without position tables (ConvMixer, ResNet, CvT) take any size, which one forward shows."""
+    flag = getattr(model, "dynamic_img_size", None)
+    if flag is not None:
+        return bool(flag)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, *size))
+        return True
+    except Exception:
+        return False
+
+
 def _export_size(model, info: dict, img_size, fmt: str) -> tuple[list[int], bool]:
     """(H, W) of the example input, and whether the file must accept other sizes."""
+    from ..models.registry import builder_params, get_spec
+
     trained = [int(info["img_size"])] * 2 if isinstance(info["img_size"], int) else list(info["img_size"])
-    can_resize = bool(getattr(model, "dynamic_img_size", False))
     name = info["config"].get("model")
     if img_size in (None, "", "trained"):
         return trained, False
+    try:
+        hint = ("train/fine-tune with model_kwargs.dynamic_img_size=true"
+                if "dynamic_img_size" in builder_params(get_spec(name).builder) else "it has no dynamic_img_size option")
+    except Exception:  # a model outside the registry
+        hint = "fine-tune it at the size you need"
     if img_size == "dynamic":
-        if not can_resize:
+        if not _runs_at(model, int(info["in_chans"]), [2 * s for s in trained]):
             raise ConfigError(f"{name} was built for {trained[0]}x{trained[1]} images only; export it at that size "
-                              f"(drop --img-size) or train/fine-tune with model_kwargs.dynamic_img_size=true")
+                              f"(drop --img-size) or {hint}")
         kind = getattr(model, "pos_embed_kind", None)
         if kind in _SIZE_FIXED_POS_EMBED:
             raise ConfigError(f"{name} resamples its {kind} position embeddings in Python at run time, which an "
@@ -166,9 +186,11 @@ def _export_size(model, info: dict, img_size, fmt: str) -> tuple[list[int], bool
         s = int(img_size)
     except (TypeError, ValueError):
         raise ConfigError(f"--img-size {img_size!r} is not valid; use a size in pixels or 'dynamic'") from None
-    if [s, s] != trained and not can_resize:
-        raise ConfigError(f"{name} was built for {trained[0]}x{trained[1]} images; export it at that size, or "
-                          f"fine-tune it at {s} first (vitlab finetune RUN --img-size {s})")
+    if s < 1:
+        raise ConfigError(f"--img-size {s} must be a positive number of pixels")
+    if [s, s] != trained and not _runs_at(model, int(info["in_chans"]), [s, s]):
+        raise ConfigError(f"{name} was built for {trained[0]}x{trained[1]} images and cannot run at {s}x{s}; "
+                          f"export it at its size, or fine-tune it at {s} first (vitlab finetune RUN --img-size {s})")
     return [s, s], False
 
 
