@@ -224,6 +224,18 @@ def test_predict_over_a_folder_gives_evals_accuracy(digits, tmp_path):
                                                                                        backend="onnxruntime"))
 
 
+def test_predict_command_runs_an_exported_file(digits, tmp_path, capsys):
+    run_dir, folder, _ = digits
+    onnx = export(run_dir, "onnx", out=tmp_path / "exp", check_images=16)["file"]
+    assert main(["predict", str(run_dir), str(folder / "4"), "--onnx", onnx, "--format", "jsonl", "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    want = list(predict_iter(run_dir, [folder / "4"], topk=3))
+    assert [json.loads(ln)["path"] for ln in lines] == [r["path"] for r in want]
+    assert [json.loads(ln)["top"][0]["class"] for ln in lines] == [r["top"][0]["class"] for r in want]
+    assert main(["predict", str(tmp_path), "x.png", "--backend", "onnxruntime"]) == 2
+    assert "export the run first" in capsys.readouterr().err
+
+
 def test_predict_is_a_lazy_generator_reading_one_batch_at_a_time(digits, monkeypatch):
     from vitlab.deploy import predict as pmod
 
