@@ -747,6 +747,12 @@ def main(argv=None) -> int:
     report += (f"\n## GPU\n\nNo GPU was available to this run: the GPU rows are not yet measured. On a GPU run "
                f"`vitlab bench --device cuda --model vit_b16 --mode train --compile --compare timm` and "
                f"`... --compare transformers`.\n\n{gpu}\n")
+    if OUT.exists():  # benchmarks/deploy_speed.py's section is kept across runs of this table
+        import re
+
+        kept = re.search(r"\n## Deploy:.*?(?=\n## |\Z)", OUT.read_text(), re.S)
+        if kept:
+            report = report.replace("\n## GPU", kept.group(0).rstrip("\n") + "\n\n## GPU", 1)
     print(report)
     if not args.no_write:
         OUT.write_text(report)

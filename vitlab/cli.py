@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "vitlab.studies.cli",     # pretrain, fewshot, study
     "vitlab.bench_cli",       # bench (vitlab/bench.py imports torch; its options live apart)
     "vitlab.env_cli",         # env (what vitlab.accel found on this machine)
+    "vitlab.deploy.cli",      # export (predict's options are in vitlab.train.cli)
 )
 
 

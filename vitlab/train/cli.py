@@ -148,15 +148,24 @@ def register(sub) -> None:
     f.__class__ = _OverridesParser
     f.set_defaults(func=run_finetune)
 
-    q = sub.add_parser("predict", help="top-k classes of image files with a trained model",
-                       description="Classify image files (JPEG, PNG, ...) with a trained model: the top-k "
-                                   "classes with their probabilities, using the model's own preprocessing.")
-    q.add_argument("checkpoint", metavar="CHECKPOINT", help="run directory or .safetensors file")
-    q.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    q.add_argument("--topk", type=int, default=5, help="how many classes per image (default: %(default)s)")
-    q.add_argument("--best", action="store_true",
-                   help="the run's best checkpoint instead of the last (default: off, the last)")
-    q.add_argument("--json", action="store_true", help="print JSON (default: off)")
+    q = sub.add_parser("predict", help="top-k classes of images (files, folders, globs) with a trained model",
+                       description="Classify images (JPEG, PNG, ...) with a trained model or an exported .onnx file: "
+                                   "the top-k classes with their probabilities, using the model's own preprocessing. "
+                                   "Folders are searched recursively; images are read and classified in batches, so "
+                                   "memory does not grow with their number. An unreadable image is named on stderr, "
+                                   "the others are predicted, and the exit status is 1.")
+    q.add_argument("checkpoint", metavar="CHECKPOINT", help="run directory, .safetensors file or exported .onnx file")
+    q.add_argument("images", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
+    q.add_argument("--topk", "--top-k", dest="topk", type=int, default=5, help="how many classes per image (default 5)")
+    q.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    q.add_argument("--format", default="table", choices=("table", "csv", "jsonl"),
+                   help="table (one line per image), csv or jsonl (default table)")
+    q.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+                   help="torch (the checkpoint) or onnxruntime (an exported file: --onnx, or RUN/export-onnx/model.onnx) "
+                        "(default torch)")
+    q.add_argument("--onnx", metavar="MODEL.onnx", help="exported file to run with ONNX Runtime (preprocess.json beside it) (default: none)")
+    q.add_argument("--best", action="store_true", help="the run's best checkpoint instead of the last (default: off)")
+    q.add_argument("--json", action="store_true", help="same as --format jsonl (default: off)")
     q.set_defaults(func=run_predict)
 
 
@@ -277,18 +286,9 @@ def run_finetune(args) -> int:
 
 
 def run_predict(args) -> int:
-    from .api import predict
+    from ..deploy.cli import run_predict as run
 
-    results = predict(args.checkpoint, args.images, topk=args.topk, which="best" if args.best else "last")
-    if args.json:
-        print(json.dumps(results, indent=1))
-        return 0
-    for r in results:
-        if r.get("note"):
-            print(r["note"], file=sys.stderr)
-        tops = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"])
-        print(f"{r['image']}: {tops}")
-    return 0
+    return run(args)
 
 
 if __name__ == "__main__":  # pragma: no cover
