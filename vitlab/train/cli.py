@@ -140,6 +140,9 @@ def _train_config(args):
         if args.config:
             raise ConfigError("--resume continues a run with its own saved config; drop --config "
                               "(change single options with key=value)")
+        from .runlock import ensure_free
+
+        ensure_free(args.resume)
         found = resolve_checkpoint(args.resume)
         if found["state"] is None:
             raise ConfigError(f"{args.resume!r} has no training state to resume; pass a run directory")

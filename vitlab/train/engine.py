@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import random
 import time
@@ -28,6 +29,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from . import checkpoint as ckpt
 from . import distributed as D
+from . import runlock
 from .config import SESSION_FIELDS, TrainConfig, save_config
 from .objectives import build_objective
 from .optim import ModelEma, build_optimizer, lr_at
@@ -130,21 +132,6 @@ def _cpu_threads(cfg: TrainConfig, info: D.DistInfo, resumed: int | None) -> int
     return min(n, free)
 
 
-def _unique_run_dir(out: Path, name: str | None, cfg: TrainConfig) -> Path:
-    if name:
-        run_dir = out / name
-        if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
-            raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; continue it with "
-                              f"--resume {run_dir} or choose another name (name=...)")
-        return run_dir
-    base = f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, i = out / base, 1
-    while run_dir.exists():
-        run_dir = out / f"{base}-{i}"
-        i += 1
-    return run_dir
-
-
 def resolve_img_size(cfg: TrainConfig, bundle) -> int:
     if cfg.img_size is not None:
         return int(cfg.img_size)
@@ -236,6 +223,27 @@ def _meta(cfg: TrainConfig, bundle, step: int, epoch: int) -> dict:
             "std": list(bundle.std), "step": step, "epoch": epoch, "dataset": bundle.name}
 
 
+def _finished_run(cfg: TrainConfig, state: dict, run_dir: Path, info: D.DistInfo, verbose: bool) -> RunResult | None:
+    """A resume of a run that already trained every epoch asked for: say so and change nothing
+    (no log line, no rewritten summary). More epochs (epochs=N) continue it as usual."""
+    spe = int(state.get("steps_per_epoch") or 0)
+    step = int(state["step"])
+    if not spe or step < cfg.epochs * spe:
+        return None
+    done = step // spe
+    if verbose and info.is_main:
+        print(f"run {run_dir} is complete: it trained {done} epochs ({step} steps); nothing to do. "
+              f"To train it longer, pass more epochs: vitlab train --resume {run_dir} epochs={done + 1}", flush=True)
+    summary_path = run_dir / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        summary = {"finished": True, "model": cfg.model, "dataset": cfg.dataset, "epochs": done, "steps": step,
+                   "val_acc": None, "val_loss": None, "best_val_acc": None, "wall_s": float(state.get("wall_s", 0.0)),
+                   "run_dir": str(run_dir)}
+    return RunResult(run_dir, summary, read_jsonl(run_dir / "metrics.jsonl"), [], info.rank)
+
+
 # ---------------------------------------------------------------------------- the loop
 def fit(cfg: TrainConfig, model: nn.Module | None = None, bundle=None, verbose: bool = True,
         merge_resume: bool = True) -> RunResult:
@@ -248,21 +256,45 @@ def fit(cfg: TrainConfig, model: nn.Module | None = None, bundle=None, verbose: 
     info = D.init_distributed(cfg.device)
     threads = torch.get_num_threads()
     completed = False
+    locks: list[runlock.RunLock] = []  # the run directory's lock, held until the run ends
     try:
-        result = _fit(cfg, info, model, bundle, verbose, merge_resume)
+        result = _fit(cfg, info, model, bundle, verbose, merge_resume, locks)
         completed = True
         return result
     finally:
+        for lock in locks:
+            lock.release()
         torch.set_num_threads(threads)  # the thread count is process state: leave it as found
         D.shutdown(info, completed)
 
 
+def _locked_everywhere(claim, info: D.DistInfo, locks: list):
+    """Run `claim()` (which locks a run directory and returns (lock, run_dir)) on rank 0 and give
+    every rank its run directory, or its error: a refusal must stop all ranks, not leave the
+    others waiting at the next collective."""
+    run_dir, error = None, None
+    if info.is_main:
+        try:
+            lock, run_dir = claim()
+            locks.append(lock)
+        except ConfigError as e:
+            error = str(e)
+    run_dir, error = D.broadcast_object((run_dir, error), info)
+    if error:
+        raise ConfigError(error)
+    return run_dir
+
+
 def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, verbose: bool,
-         merge_resume: bool) -> RunResult:
+         merge_resume: bool, locks: list) -> RunResult:
     wall0 = time.perf_counter()
     # ------------------------------------------------------------ resume: the saved config rules
     resume = None
     if cfg.resume:
+        # lock first: a live run may be replacing the very checkpoint files read below
+        resume_dir = runlock.run_dir_of(cfg.resume)
+        if resume_dir.is_dir():
+            _locked_everywhere(lambda: (runlock.acquire(resume_dir, "resume"), resume_dir), info, locks)
         found = ckpt.resolve_checkpoint(cfg.resume)
         if found["state"] is None:
             raise CheckpointError(f"{str(found['weights'])!r} has no training state beside it; resume needs a "
@@ -271,6 +303,10 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
         saved = TrainConfig.from_dict(state["config"], source=f"{found['state']} config")
         cfg = merge_resume_config(saved, cfg) if merge_resume else cfg
         resume = {"found": found, "state": state}
+        cfg.validate(info.world_size)
+        done = _finished_run(cfg, state, Path(found["run_dir"]), info, verbose)
+        if done is not None:
+            return done
     cfg.validate(info.world_size)
     threads = _cpu_threads(cfg, info, resume["state"].get("threads") if resume else None)
     if threads:
@@ -334,10 +370,13 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     if resume:
         run_dir = Path(resume["found"]["run_dir"])
     else:
-        run_dir = D.broadcast_object(_unique_run_dir(Path(cfg.out), cfg.name, cfg) if info.is_main else None, info)
+        def claim():
+            lock = runlock.new_run_dir(Path(cfg.out), cfg.name, runlock.default_run_name(cfg.dataset, cfg.model))
+            return lock, lock.run_dir
+
+        run_dir = _locked_everywhere(claim, info, locks)
     log = RunLog(run_dir, info.is_main, cfg.tensorboard, verbose=verbose)
     if info.is_main and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
     if resume:
