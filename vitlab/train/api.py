@@ -20,6 +20,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from .checkpoint import build_model_from_config, load_model
 from .config import TrainConfig, apply_overrides
 from .engine import RunResult, fit
+from .runlog import dumps
 
 
 def train(config: TrainConfig | dict | None = None, **overrides) -> RunResult:
@@ -111,7 +112,7 @@ def evaluate(run_or_checkpoint: str | Path, dataset: str | None = None, data_dir
     if plot:
         result["confusion_png"] = str(_plot_confusion(cm, names, out_dir / "confusion.png",
                                                       f"{bundle.name} {split}: accuracy {100 * result['accuracy']:.2f}%"))
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "eval.json").write_text(dumps(result, indent=1))
     result["json"] = str(out_dir / "eval.json")
     return result
 

@@ -201,6 +201,14 @@ def read_pointer(ckpt_dir: Path) -> dict:
                               f"from {str(ckpt_dir)!r} instead") from None
 
 
+def last_step(ckpt_dir: Path) -> int | None:
+    """The step of the run's committed checkpoint, or None when it has none (or it is unreadable)."""
+    try:
+        return read_pointer(Path(ckpt_dir))["step"] if (Path(ckpt_dir) / POINTER).is_file() else None
+    except CheckpointError:
+        return None
+
+
 def resolve_checkpoint(path: str | Path, which: str = "last") -> dict:
     """Find weights (and training state) from a run directory, its checkpoints/ folder, a
     last.json pointer or a .safetensors file. Returns {'weights', 'state' (or None), 'run_dir'}."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from .runlog import dumps
 import sys
 
 TRAIN_EXAMPLES = """\
@@ -169,7 +171,7 @@ def run_train(args) -> int:
 def _report(result, args, verb: str) -> int:
     s = result.summary
     if getattr(args, "json", False) and result.rank == 0:
-        print(json.dumps(s, indent=1))
+        print(dumps(s, indent=1))
         return 0
     if result.rank != 0:  # under torchrun only rank 0 reports
         return 0
@@ -195,7 +197,7 @@ def run_eval(args) -> int:
                  out=args.out, which="best" if args.best else "last", ema=False if args.no_ema else None,
                  device=args.device)
     if args.json:
-        print(json.dumps(r, indent=1))
+        print(dumps(r, indent=1))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -247,7 +249,7 @@ def run_predict(args) -> int:
 
     results = predict(args.checkpoint, args.images, topk=args.topk, which="best" if args.best else "last")
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(dumps(results, indent=1))
         return 0
     for r in results:
         tops = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"])

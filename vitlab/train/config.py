@@ -42,6 +42,7 @@ class TrainConfig:
     split_seed: int = 0
     train_fraction: float = 1.0
     on_bad_image: str = "skip"
+    allow_single_class: bool = False   # a classification set with one class is an error unless set
     img_size: int | None = None        # None: the data's native size
     num_classes: int | None = None     # filled in from the data (recorded for checkpoints)
     in_chans: int | None = None        # filled in from the data
@@ -68,6 +69,7 @@ class TrainConfig:
     warmup_steps: int | None = None    # overrides warmup_epochs when set
     schedule: str = "cosine"
     grad_clip: float = 1.0             # global-norm clipping; 0 = off
+    on_nonfinite: str = "stop"         # a NaN/inf loss or gradient: stop (the run diverged) or skip the step
     accum_steps: int = 1
     ema_decay: float = 0.0             # EMA of weights; 0 = off
     precision: str = "auto"            # auto: bf16 on GPU, fp32 on CPU
@@ -86,7 +88,7 @@ class TrainConfig:
     max_steps: int | None = None       # stop (with a checkpoint) after this many optimizer steps
     fsdp: bool = False
     device: str = "auto"
-    threads: int = 0                   # CPU threads for torch (0: torch's default)
+    threads: int = 0                   # CPU threads for torch (0: every core this process may use)
     tensorboard: bool = True
     progress: bool = True              # progress bar (still off when not a terminal or CI=true)
 
@@ -143,6 +145,7 @@ class TrainConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("cpu_allocator", self.cpu_allocator, ("tuned", "system"))
         check_choice("on_bad_image", self.on_bad_image, ("skip", "error"))
+        check_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         for name in ("epochs", "batch_size", "eval_batch_size", "accum_steps", "eval_every"):
             v = getattr(self, name)
             need(v >= 1, f"{name}={v} must be at least 1")
@@ -166,7 +169,7 @@ class TrainConfig:
         need(0 < self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in (0, 1)")
         need(0 < self.train_fraction <= 1, f"train_fraction={self.train_fraction} must be in (0, 1]")
         need(self.img_size is None or self.img_size >= 1, f"img_size={self.img_size} must be a positive integer")
-        need(self.threads >= 0, f"threads={self.threads} must be >= 0 (0: torch's default)")
+        need(self.threads >= 0, f"threads={self.threads} must be >= 0 (0: every core)")
         need(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps} must be at least 1")
         for name in ("drop_path", "dropout"):
@@ -350,6 +353,7 @@ FIELD_HELP = {
     "split_seed": "seed of that held-out split",
     "train_fraction": "use a seeded stratified fraction of the training set",
     "on_bad_image": "skip or error: what an unreadable image file does",
+    "allow_single_class": "train a classifier on a data set with one class (an error otherwise: it learns nothing)",
     "img_size": "training resolution (null: the data's native size)",
     "num_classes": "set from the data",
     "in_chans": "set from the data",
@@ -374,6 +378,7 @@ FIELD_HELP = {
     "warmup_steps": "linear warmup length in steps (overrides warmup_epochs)",
     "schedule": "cosine, linear or constant decay after warmup (per step)",
     "grad_clip": "clip the global gradient norm (0 = off)",
+    "on_nonfinite": "a NaN/inf loss or gradient: stop (diverged; the last good checkpoint is kept) or skip the step",
     "accum_steps": "gradient accumulation steps per optimizer step",
     "ema_decay": "EMA of weights (0 = off); evaluation then uses the EMA",
     "precision": "auto (bf16 on GPU, fp32 on CPU), bf16 (autocast) or fp32",
@@ -392,7 +397,7 @@ FIELD_HELP = {
     "max_steps": "stop with a checkpoint after this many optimizer steps",
     "fsdp": "shard parameters with FSDP (under torchrun)",
     "device": "auto, cpu, cuda, cuda:N",
-    "threads": "CPU threads for torch (0: torch's default)",
+    "threads": "CPU threads for torch (0: every core this process may use; a resumed run keeps its count)",
     "tensorboard": "write TensorBoard event files",
     "progress": "progress bar (off anyway when not a terminal or CI=true)",
 }

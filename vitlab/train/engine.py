@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from . import checkpoint as ckpt
 from . import distributed as D
 from . import runlock
@@ -34,6 +35,7 @@ from .config import SESSION_FIELDS, TrainConfig, save_config
 from .objectives import build_objective
 from .optim import ModelEma, build_optimizer, lr_at
 from .runlog import RunLog, plot_curves, read_jsonl
+from .runlog import dumps as json_dumps
 
 
 @dataclass
@@ -83,53 +85,106 @@ def set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
-class _GracefulInterrupt:
-    """The first Ctrl-C finishes the current optimizer step, saves a checkpoint and stops
-    (resumable); a second one interrupts at once. One process only: under torchrun the
-    ranks could stop at different steps."""
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped on a signal after saving a checkpoint; `exit_status` is the shell's
+    convention for that signal (128 + its number: 130 for Ctrl-C, 143 for SIGTERM)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + int(signum)
+
+
+class _GracefulStop:
+    """Ctrl-C (SIGINT), SIGTERM (what SLURM, Kubernetes, preemptible cloud machines and
+    `timeout` send) and SIGUSR1 (the usual pre-preemption warning on clusters) all ask the
+    loop to finish the current optimizer step, save a checkpoint and stop, resumable. A second
+    SIGINT or SIGTERM acts at once (the default action). Under torchrun the ranks agree on the
+    step through a reduction of `signum` after every step (see `_agree`)."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+    def __init__(self):
         import signal
         import threading
 
-        self.requested = False
-        self._old = None
-        if enabled and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+        self.signum = 0
+        self._old: dict = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for name in self.NAMES:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         import signal
 
-        self.requested = True
-        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
+        if not self.signum:
+            self.signum = int(signum)
+        if signum != getattr(signal, "SIGUSR1", None):  # a repeated warning must not kill the run
+            signal.signal(signum, self._old.get(signum) or signal.SIG_DFL)
 
     def restore(self) -> None:
         import signal
 
-        if self._old is not None and not self.requested:
-            signal.signal(signal.SIGINT, self._old)
-        self._old = None
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old = {}
 
 
-def _cpu_threads(cfg: TrainConfig, info: D.DistInfo, resumed: int | None) -> int | None:
-    """CPU threads for this run. threads=0 (auto) keeps torch's default unless the machine is
-    already busy (1-minute load average): intra-op threads that must wait for a busy core spin
-    and slow small models down many times over, so then one thread per free core. A resumed
-    run reuses the count it started with (the float reduction order, hence bit-identity,
-    can depend on it)."""
-    if cfg.threads:
-        return cfg.threads
-    if info.device.type != "cpu":
-        return None
-    if resumed:
-        return int(resumed)
-    n = torch.get_num_threads()
+def _signal_name(signum: int) -> str:
+    import signal
+
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - platforms without getloadavg
-        return n
-    free = max(1, int((os.cpu_count() or n) - load + 0.5))
-    return min(n, free)
+        return signal.Signals(signum).name
+    except ValueError:  # pragma: no cover
+        return f"signal {signum}"
+
+
+def _agree(signum: int, bad: bool, info: D.DistInfo) -> tuple[int, bool]:
+    """(signal asking to stop, non-finite step) as every rank sees them: a signal that reached
+    one rank, or a non-finite loss on one rank's shard, stops or skips the step on all of them,
+    so they save the same step and stay in lock step."""
+    if not info.enabled:
+        return signum, bad
+    t = torch.tensor([signum, int(bad)], dtype=torch.int64, device=info.device)
+    D.all_reduce_max(t, info)
+    return int(t[0]), bool(t[1])
+
+
+def _finite(t) -> bool:
+    if hasattr(t, "full_tensor"):  # FSDP: a DTensor norm
+        t = t.full_tensor()
+    return bool(torch.isfinite(torch.as_tensor(t)).all())
+
+
+def default_threads() -> int:
+    """threads=0: every core this process may use (its CPU affinity, which honours taskset and
+    container cpusets), or OMP_NUM_THREADS where set (torchrun sets 1 per process). Never the
+    machine's load: float sums depend on the thread count, so a count that followed the load
+    would give the same command and seed different weights on a busy machine."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _cpu_threads(cfg: TrainConfig, info: D.DistInfo, resumed: int | None) -> tuple[int | None, str]:
+    """(CPU threads for this run, a note to log or ''). A resumed run continues with the count
+    it recorded: the float reduction order, hence bit-identity with an uninterrupted run,
+    depends on it; an explicit other count is honoured, with a note saying so."""
+    if info.device.type != "cpu":
+        return None, ""
+    if resumed and cfg.threads and cfg.threads != int(resumed):
+        return cfg.threads, (f"note: this run trained with {resumed} threads and continues with threads={cfg.threads}: "
+                             f"float sums depend on the thread count, so the weights will differ (slightly) "
+                             f"from an uninterrupted run; resume without threads= to keep {resumed}")
+    if resumed and not cfg.threads:
+        return int(resumed), ""
+    return (cfg.threads or default_threads()), ""
 
 
 def resolve_img_size(cfg: TrainConfig, bundle) -> int:
@@ -308,7 +363,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
         if done is not None:
             return done
     cfg.validate(info.world_size)
-    threads = _cpu_threads(cfg, info, resume["state"].get("threads") if resume else None)
+    threads, threads_note = _cpu_threads(cfg, info, resume["state"].get("threads") if resume else None)
     if threads:
         torch.set_num_threads(threads)
 
@@ -376,6 +431,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
 
         run_dir = _locked_everywhere(claim, info, locks)
     log = RunLog(run_dir, info.is_main, cfg.tensorboard, verbose=verbose)
+    if threads_note:
+        log.line(threads_note)
     if info.is_main and not resume:
         save_config(cfg, run_dir / "config.yaml")
 
@@ -432,7 +489,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     log.line(f"run {run_dir}: {cfg.model} on {cfg.dataset} ({n_train} train / {len(bundle.val.labels)} val, "
              f"{cfg.num_classes} classes, {img_size}x{img_size}x{cfg.in_chans}), {cfg.epochs} epochs x "
              f"{steps_per_epoch} steps of {B} images, {cfg.optimizer} lr {cfg.lr:g}, {W} process(es) on {device.type}"
-             + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+             + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else "")
              + (f", {amp_dtype}".replace("torch.", "") if amp_dtype else ""))
 
     train_tf, eval_tf = make_transforms(cfg, bundle, img_size)
@@ -448,8 +505,30 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     step = start_step
     last_eval: dict = {}
     stop = False
+    stop_signal = 0
+    skipped = int(resume["state"].get("skipped_steps", 0)) if resume else 0  # non-finite steps (on_nonfinite=skip)
+    skipped_in_a_row = 0
     log.start_bar(total_steps, step, "train", cfg.progress)
-    interrupt = _GracefulInterrupt(enabled=not info.enabled)
+    interrupt = _GracefulStop()
+
+    def _diverged(what: str) -> TrainingDiverged:
+        """The error that stops a diverged run: where, the likely cause, and that the last good
+        checkpoint (never overwritten by non-finite weights) is what --resume and eval use."""
+        log.stop_bar()
+        last = ckpt.last_step(run_dir / "checkpoints")
+        hints = [f"the learning rate lr={cfg.lr:g} is too high for this model (try lr={cfg.lr / 10:g})"]
+        if cfg.grad_clip <= 0:
+            hints.append("no gradient clipping (grad_clip=0; try grad_clip=1)")
+        if amp_dtype is not None:
+            hints.append(f"{str(amp_dtype).replace('torch.', '')} overflow (try precision=fp32)")
+        kept = (f"the last good checkpoint (step {last}) is unchanged and is what --resume and eval use"
+                if last is not None else "no checkpoint was written")
+        msg = (f"training diverged: {what}. Likely cause: {' or '.join(hints)}, or non-finite input data. "
+               f"Nothing was saved from this point: {kept}. Start again with a lower lr, or use "
+               f"on_nonfinite=skip to skip such steps")
+        log.line(msg, echo=False)  # the error itself reports it on the terminal
+        log.close()
+        return TrainingDiverged(msg)
 
     def flush_steps() -> None:
         """Global mean loss of the pending steps (one reduction), into steps.jsonl and the sums."""
@@ -461,10 +540,14 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
             return
         losses = torch.stack([t for _, _, t in pending_steps]).double()
         losses = D.all_reduce_sum(losses, info) / W
-        rows = [{"step": s, "lr": lr, "loss": float(v)} for (s, lr, _), v in zip(pending_steps, losses.tolist())]
-        step_losses.extend(r["loss"] for r in rows)
-        sums["loss"] += float(losses.sum())
-        sums["steps"] += len(rows)
+        values = losses.tolist()
+        # a skipped (non-finite) step is logged with loss null and left out of the epoch's mean
+        rows = [{"step": s, "lr": lr, "loss": v if math.isfinite(v) else None}
+                for (s, lr, _), v in zip(pending_steps, values)]
+        step_losses.extend(values)
+        good = [v for v in values if math.isfinite(v)]
+        sums["loss"] += float(sum(good))
+        sums["steps"] += len(good)
         log.steps(rows)
         pending_steps = []
 
@@ -480,7 +563,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                      "scheduler": {"step": step, "total_steps": total_steps, "warmup_steps": warmup,
                                    "schedule": cfg.schedule},
                      "rng": rng, "threads": threads, "config": cfg.to_dict(), "best": best, "sums": sums,
-                     "wall_s": prior_wall + time.perf_counter() - wall0}
+                     "skipped_steps": skipped, "wall_s": prior_wall + time.perf_counter() - wall0}
             ckpt.save_checkpoint(run_dir / "checkpoints", step, weights, _meta(cfg, bundle, step, epoch_done), state,
                                  ema.state_dict() if ema is not None else None)
         D.barrier(info)
@@ -499,6 +582,11 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                   "train_loss": sums["loss"] / max(sums["steps"], 1), **train_metrics,
                   "val_loss": res["loss"], **{f"val_{k}": v for k, v in res.items() if k != "loss"},
                   "images_per_sec": sums["images"] / sums["train_s"] if sums["train_s"] > 0 else None}
+        if not math.isfinite(record["val_loss"]):
+            history.append(record)
+            log.metrics(record)
+            raise _diverged(f"the evaluation after step {step} (epoch {epoch_done}) gave a non-finite validation "
+                            f"loss ({record['val_loss']})")
         primary = getattr(objective, "primary_metric", None)
         score = record.get(f"val_{primary}") if primary else -record["val_loss"]
         improved = best is None or score > best["score"]
@@ -535,6 +623,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 step_loss = torch.zeros((), device=device)
+                step_metrics: dict[str, torch.Tensor] = {}
                 for m in range(A):
                     shard = batch[m * micro:(m + 1) * micro][info.rank * local:(info.rank + 1) * local]
                     # uint8 goes to the device; the batch is augmented there
@@ -549,14 +638,39 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                         (loss / A).backward()
                     step_loss += loss.detach().float() / A
                     for k, v in metrics.items():
-                        pending_metrics[k] = pending_metrics.get(k, 0.0) + torch.as_tensor(v).detach().float() / A
+                        step_metrics[k] = step_metrics.get(k, 0.0) + torch.as_tensor(v).detach().float() / A
                 if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=device.type != "cpu" or None)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(raw)
-                pending_steps.append((step, lr, step_loss))
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=device.type != "cpu" or None)
+                else:
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                # Divergence guard, before the update: a non-finite loss or gradient never reaches the
+                # weights, so the last checkpoint and the weights stay finite. (One host sync per step:
+                # free on CPU, small next to a step on GPU.) Every rank must take the same decision.
+                local_bad = not (_finite(step_loss) and _finite(norm))
+                stop_signal, any_bad = _agree(interrupt.signum, local_bad, info)
+                if any_bad:
+                    optimizer.zero_grad(set_to_none=True)
+                    pending_steps.append((step, lr, torch.full((), float("nan"), device=device)))
+                    flush_steps()
+                    skipped_in_a_row += 1
+                    if cfg.on_nonfinite == "stop" or skipped_in_a_row >= steps_per_epoch:
+                        what = (f"the loss or its gradient is not finite at step {step} (epoch {epoch + 1})"
+                                if cfg.on_nonfinite == "stop" else
+                                f"every step of a whole epoch ({skipped_in_a_row}) had a non-finite loss, up to "
+                                f"step {step}")
+                        raise _diverged(what)
+                    skipped += 1
+                    log.line(f"note: step {step} skipped: non-finite loss or gradient (on_nonfinite=skip; "
+                             f"{skipped} skipped so far)")
+                else:
+                    skipped_in_a_row = 0
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update(raw)
+                    for k, v in step_metrics.items():
+                        pending_metrics[k] = pending_metrics.get(k, 0.0) + v
+                    pending_steps.append((step, lr, step_loss))
                 step += 1
                 sums["images"] += B
                 total_images += B
@@ -576,7 +690,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                 if cfg.max_steps and step >= cfg.max_steps:
                     stop = True
                     break
-                if interrupt.requested:
+                if stop_signal:
                     stop = True
                     break
             dt = time.perf_counter() - t0
@@ -595,10 +709,15 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
         interrupt.restore()
     log.stop_bar()
     flush_steps()
-    if interrupt.requested:
-        log.line(f"interrupted at step {step}: checkpoint saved; continue with --resume {run_dir}")
+    if stop_signal and step < total_steps:
+        msg = (f"stopped by {_signal_name(stop_signal)} at step {step} (epoch {step // steps_per_epoch + 1}): "
+               f"checkpoint saved; continue with: vitlab train --resume {run_dir}")
+        log.line(msg, echo=False)  # the exception carries it to the terminal (the CLI prints it)
         log.close()
-        raise KeyboardInterrupt
+        raise TrainingStopped(stop_signal, msg)
+
+    if skipped:
+        log.line(f"note: {skipped} of {step} steps were skipped: non-finite loss or gradient (on_nonfinite=skip)")
 
     # ------------------------------------------------------------ summary
     finished = step >= total_steps
@@ -620,9 +739,10 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
         "images_per_sec": (total_images * 1.0 / total_train_s) if total_train_s > 0 else None,
         "params": n_params, "flops": flops, "world_size": W, "device": device.type,
         "run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints"),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None, "skipped_steps": skipped,
     }
     if info.is_main:
-        ckpt.atomic_write_text(run_dir / "summary.json", __import__("json").dumps(summary, indent=1))
+        ckpt.atomic_write_text(run_dir / "summary.json", json_dumps(summary, indent=1))
         try:
             plot_curves(run_dir)
         except Exception as e:  # pragma: no cover - a plotting problem must not lose the run
