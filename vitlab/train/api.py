@@ -234,12 +234,16 @@ def _matching_config(cfg: TrainConfig, model) -> TrainConfig:
 def _read_image(path: str | Path, in_chans: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
+    from ..data.imagefolder import to_mode
+
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{str(p)!r} is a folder, not an image; pass image files (e.g. {str(p / '*.jpg')!r})")
     if not p.is_file():
         raise DataError(f"image {str(p)!r} does not exist; pass paths of image files (JPEG, PNG, ...)")
     try:
         with Image.open(p) as im:
-            im = im.convert("L" if in_chans == 1 else "RGB")
+            im = to_mode(im, "L" if in_chans == 1 else "RGB")
             arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
             h, w = im.height, im.width
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:

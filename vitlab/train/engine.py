@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from . import checkpoint as ckpt
 from . import distributed as D
 from . import runlock
@@ -185,6 +185,22 @@ def _cpu_threads(cfg: TrainConfig, info: D.DistInfo, resumed: int | None) -> tup
     if resumed and not cfg.threads:
         return int(resumed), ""
     return (cfg.threads or default_threads()), ""
+
+
+def _check_classes(cfg: TrainConfig, bundle) -> None:
+    """A classifier trained on one class learns nothing and scores 100% on its own validation
+    split: refuse that unless asked for (objectives without labels, e.g. mpp, are not affected)."""
+    if cfg.objective != "classification" or cfg.allow_single_class:
+        return
+    present = sorted({int(v) for v in torch.unique(bundle.train.labels).tolist()})
+    if len(present) < 2:
+        names = list(bundle.class_names)
+        which = f" ({names[present[0]]!r})" if present and present[0] < len(names) else ""
+        where = f" in {cfg.data_dir}" if cfg.data_dir else ""
+        raise DataError(f"dataset {bundle.name!r}{where} has images of only one class{which} to train on: a "
+                        f"classifier learns nothing from it (and scores 100% on its own validation split); add a "
+                        f"folder of images for at least one more class, or pass allow_single_class=true if "
+                        f"this is intended")
 
 
 def resolve_img_size(cfg: TrainConfig, bundle) -> int:
@@ -370,6 +386,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     # ------------------------------------------------------------ data, model, objective
     seed_everything(cfg.seed)
     bundle = bundle or load_data(cfg)
+    _check_classes(cfg, bundle)
     img_size = resolve_img_size(cfg, bundle)
     cfg = dataclasses.replace(cfg, img_size=img_size, num_classes=int(bundle.num_classes),
                               in_chans=int(bundle.in_chans))
