@@ -140,6 +140,13 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        # a TrainConfig built directly (TrainConfig(epochs='abc')) skips the typing that YAML and
+        # key=value go through: type every field here, so a wrong type is one clear error
+        # (and a number given as text, lr='1e-3', is taken as the number)
+        hints = field_types()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f.name, parsed=True))
+
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("precision", self.precision, PRECISIONS)
@@ -213,7 +220,8 @@ def _coerce(value, tp, key: str, parsed: bool):
     """Convert `value` (a YAML value, or the raw text of an override) to the field type."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    bad = ConfigError(f"{key}={value!r} is not a valid {_type_name(tp)}")
+    bad = ConfigError(f"{key}={value!r} is not a valid {_type_name(tp)}; give {key} a value of that type "
+                      f"(`vitlab train --help` lists every option with its type and default)")
     if tp is Any:
         return _parse_scalar(value) if not parsed and isinstance(value, str) else value
     if origin in (typing.Union, types.UnionType):
@@ -328,7 +336,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         raise ConfigError(f"config file {str(path)!r} not found; pass an existing YAML file "
                           f"(see configs/ for examples)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text file (not UTF-8); pass a YAML file of "
+                          f"option: value lines (see configs/)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     cfg = TrainConfig.from_dict(data, source=str(path))

@@ -622,7 +622,16 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
             # under FSDP gathering the full weights is collective: every rank takes part
             weights = ema.state_dict() if ema is not None else D.full_model_state(raw, cfg.fsdp)
             if info.is_main:
-                ckpt.save_weights(run_dir / "checkpoints" / ckpt.BEST, weights, _meta(cfg, bundle, step, epoch_done))
+                try:
+                    ckpt.save_weights(run_dir / "checkpoints" / ckpt.BEST, weights,
+                                      _meta(cfg, bundle, step, epoch_done))
+                except Exception as e:
+                    if not ckpt.write_failure(e):
+                        raise
+                    last = ckpt.last_step(run_dir / "checkpoints")
+                    raise CheckpointError(f"could not write {ckpt.BEST} after step {step} ({ckpt.why(e)}); the last "
+                                          f"checkpoint (step {last}) is intact: free space, then continue with "
+                                          f"--resume {run_dir}") from None
 
     # ------------------------------------------------------------ epochs
     epoch = step // steps_per_epoch
