@@ -139,7 +139,8 @@ def read_weights(path: str | Path, map_location: str = "cpu") -> tuple[dict[str,
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for every kind of damage
-        other = "the run's last checkpoint (its run directory)" if path.name == BEST else "best.safetensors"
+        other = ("the run's last one: pass the run directory without --best" if path.name == BEST
+                 else "best.safetensors")
         raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or not a safetensors file "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}); "
                               f"use another checkpoint (e.g. {other}) or retrain") from None

@@ -334,7 +334,7 @@ def fit(cfg: TrainConfig, model: nn.Module | None = None, bundle=None, verbose: 
         return result
     finally:
         for lock in locks:
-            lock.release()
+            lock.release() if completed else lock.discard_if_empty()
         torch.set_num_threads(threads)  # the thread count is process state: leave it as found
         D.shutdown(info, completed)
 
@@ -379,6 +379,14 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
         if done is not None:
             return done
     cfg.validate(info.world_size)
+    if not resume:
+        # claimed and locked before the data loads: a second trainer on the same run is refused at
+        # once; a directory this call made stays only if the run writes something into it
+        def claim():
+            lock = runlock.new_run_dir(Path(cfg.out), cfg.name, runlock.default_run_name(cfg.dataset, cfg.model))
+            return lock, lock.run_dir
+
+        run_dir = _locked_everywhere(claim, info, locks)
     threads, threads_note = _cpu_threads(cfg, info, resume["state"].get("threads") if resume else None)
     if threads:
         torch.set_num_threads(threads)
@@ -441,12 +449,6 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     start_step, best, prior_wall, sums = 0, None, 0.0, None
     if resume:
         run_dir = Path(resume["found"]["run_dir"])
-    else:
-        def claim():
-            lock = runlock.new_run_dir(Path(cfg.out), cfg.name, runlock.default_run_name(cfg.dataset, cfg.model))
-            return lock, lock.run_dir
-
-        run_dir = _locked_everywhere(claim, info, locks)
     log = RunLog(run_dir, info.is_main, cfg.tensorboard, verbose=verbose)
     if threads_note:
         log.line(threads_note)

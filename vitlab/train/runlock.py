@@ -35,9 +35,10 @@ LOCK_NAME = ".lock"
 class RunLock:
     """An exclusive lock on one run directory, held until `release()` (or process exit)."""
 
-    def __init__(self, run_dir: Path, fd: int | None):
+    def __init__(self, run_dir: Path, fd: int | None, created: bool = False):
         self.run_dir = run_dir
         self._fd = fd
+        self.created = created  # this process made the directory (it may remove it if nothing else lands there)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -47,6 +48,20 @@ class RunLock:
                 pass
             os.close(self._fd)  # closing the file drops the flock
             self._fd = None
+
+    def discard_if_empty(self) -> None:
+        """Release, and remove the directory this process created if the run never wrote
+        anything into it (it failed before training: bad data, a refused option)."""
+        empty = self.created and self._fd is not None and \
+            [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]
+        if empty:
+            (self.run_dir / LOCK_NAME).unlink()  # still ours: the lock is held until release()
+        self.release()
+        if empty:
+            try:
+                self.run_dir.rmdir()
+            except OSError:  # something appeared meanwhile: leave it
+                pass
 
     def __enter__(self):
         return self
@@ -135,7 +150,9 @@ def new_run_dir(out: Path, name: str | None, base: str) -> RunLock:
         raise ConfigError(f"--out {str(out)!r} is not a folder; pass a folder for the run directories "
                           f"(e.g. --out runs)")
     if name:
+        existed = (out / name).exists()
         lock = acquire(out / name)
+        lock.created = not existed
         if holds_a_run(out / name):
             lock.release()
             raise ConfigError(f"run directory {str(out / name)!r} already holds a run; continue it with "
@@ -149,7 +166,9 @@ def new_run_dir(out: Path, name: str | None, base: str) -> RunLock:
             continue
         except OSError as e:
             raise _os_error("create the run directory", run_dir, e) from None
-        return acquire(run_dir)
+        lock = acquire(run_dir)
+        lock.created = True
+        return lock
     raise ConfigError(f"10,000 runs named {base}* already exist in {str(out)!r}; pass --name")  # pragma: no cover
 
 
