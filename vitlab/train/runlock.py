@@ -112,9 +112,11 @@ def acquire(run_dir: Path, purpose: str = "train") -> RunLock:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        verb = "resume" if purpose == "resume" else "start a run in"
-        raise ConfigError(f"cannot {verb} {str(run_dir)!r}: it is in use by {_holder(path)}; wait for that "
-                          f"run to finish (or stop it: it saves a checkpoint on SIGTERM), or use another "
+        if purpose == "resume":
+            raise ConfigError(f"cannot resume {str(run_dir)!r}: it is in use by {_holder(path)}; wait for that "
+                              f"run to finish (or stop it: it saves a checkpoint on SIGTERM)") from None
+        raise ConfigError(f"cannot start a run in {str(run_dir)!r}: it is in use by {_holder(path)}; wait for "
+                          f"that run to finish (or stop it: it saves a checkpoint on SIGTERM), or use another "
                           f"--name") from None
     except OSError as e:  # e.g. a file system without locks: say so rather than run unprotected silently
         os.close(fd)
@@ -176,8 +178,24 @@ def ensure_free(resume: str | Path) -> None:
     """ConfigError naming the holder if the run `resume` points into is being trained now (the
     CLI reads the run's saved config before training starts; a live run may be mid-write)."""
     run_dir = run_dir_of(resume)
-    if run_dir.is_dir():
-        acquire(run_dir, "resume").release()
+    path = run_dir / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # unreadable: the trainer's own exclusive lock will decide
+    try:
+        # a shared lock: probes (every torchrun rank makes one) do not exclude each other, only a
+        # live trainer's exclusive lock excludes them
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: it is in use by {_holder(path)}; wait for that run "
+                          f"to finish (or stop it: it saves a checkpoint on SIGTERM)") from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def run_dir_of(path: str | Path) -> Path:
