@@ -296,22 +296,23 @@ def _meta(cfg: TrainConfig, bundle, step: int, epoch: int) -> dict:
 
 def _finished_run(cfg: TrainConfig, state: dict, run_dir: Path, info: D.DistInfo, verbose: bool) -> RunResult | None:
     """A resume of a run that already trained every epoch asked for: say so and change nothing
-    (no log line, no rewritten summary). More epochs (epochs=N) continue it as usual."""
+    (no log line, no rewritten summary). More epochs (epochs=N) continue it as usual. A run
+    killed between its last checkpoint and its summary is not complete: it goes on (no steps
+    left) and writes the summary."""
     spe = int(state.get("steps_per_epoch") or 0)
     step = int(state["step"])
     if not spe or step < cfg.epochs * spe:
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not summary.get("finished") or summary.get("steps") != step:
         return None
     done = step // spe
     if verbose and info.is_main:
         print(f"run {run_dir} is complete: it trained {done} epochs ({step} steps); nothing to do. "
               f"To train it longer, pass more epochs: vitlab train --resume {run_dir} epochs={done + 1}", flush=True)
-    summary_path = run_dir / "summary.json"
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError):
-        summary = {"finished": True, "model": cfg.model, "dataset": cfg.dataset, "epochs": done, "steps": step,
-                   "val_acc": None, "val_loss": None, "best_val_acc": None, "wall_s": float(state.get("wall_s", 0.0)),
-                   "run_dir": str(run_dir)}
     return RunResult(run_dir, summary, read_jsonl(run_dir / "metrics.jsonl"), [], info.rank)
 
 
