@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 
 from .runlog import dumps
-import sys
 
 TRAIN_EXAMPLES = """\
 examples:
