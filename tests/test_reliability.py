@@ -365,32 +365,60 @@ def test_steps_log_after_a_resume_equals_the_uninterrupted_run(tmp_path, uninter
 
 
 # ---------------------------------------------------------------------------- threads
-def test_default_thread_count_is_every_core_whatever_the_load(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cores = len(os.sched_getaffinity(0))
-    for load in (0.0, 0.9, 50.0):
-        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
-        assert default_threads() == cores
-        assert _cpu_threads(TrainConfig(), D.DistInfo(), None) == (cores, "")
-    # torchrun's per-process setting is honoured; a resumed run keeps its recorded count
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert default_threads() == 1
-    assert _cpu_threads(TrainConfig(), D.DistInfo(), 3) == (3, "")
-    threads, note = _cpu_threads(TrainConfig(threads=2), D.DistInfo(), 3)
-    assert threads == 2 and "weights will differ" in note
+def _cores() -> tuple[int, int]:
+    """(physical cores, logical CPUs) this process may run on, from the kernel's topology."""
+    cpus = os.sched_getaffinity(0)
+    try:
+        cores = {tuple(Path(f"/sys/devices/system/cpu/cpu{c}/topology/{f}").read_text().strip()
+                       for f in ("physical_package_id", "core_id")) for c in cpus}
+    except OSError:
+        pytest.skip("no CPU topology in /sys")
+    return len(cores), len(cpus)
+
+
+def test_default_thread_count_is_every_core_whatever_the_load(tmp_path):
+    # a fresh process (as `vitlab train` is), on an idle and on a very busy machine
+    code = ("import os, sys; load = float(sys.argv[1]); os.getloadavg = lambda: (load, load, load); "
+            "from vitlab.train.engine import _cpu_threads; from vitlab.train import distributed as D; "
+            "from vitlab.train.config import TrainConfig; print(_cpu_threads(TrainConfig(), D.DistInfo(), None)[0])")
+    env = _env()
+    env.pop("OMP_NUM_THREADS", None)
+    got = {load: int(subprocess.run([sys.executable, "-c", code, str(load)], env=env, capture_output=True,
+                                    text=True, check=True, cwd=tmp_path).stdout)
+           for load in (0.0, 0.9, 50.0)}
+    physical, logical = _cores()
+    assert len(set(got.values())) == 1, got
+    assert physical <= got[0.0] <= logical, (got, physical, logical)
+
+
+def test_thread_count_follows_the_settings_and_the_recorded_count(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    torch.set_num_threads(2)  # what OMP_NUM_THREADS or the program set: taken as it is
+    try:
+        assert default_threads() == 2
+        assert _cpu_threads(TrainConfig(), D.DistInfo(), None) == (2, "")
+        assert _cpu_threads(TrainConfig(threads=3), D.DistInfo(), None) == (3, "")
+        # a resumed run keeps its recorded count; another explicit count is honoured, with the reason it differs
+        assert _cpu_threads(TrainConfig(), D.DistInfo(), 3) == (3, "")
+        threads, note = _cpu_threads(TrainConfig(threads=2), D.DistInfo(), 3)
+        assert threads == 2 and "weights will differ" in note
+    finally:
+        torch.set_num_threads(1)
 
 
 @pytest.mark.slow
 def test_same_command_under_different_load_gives_the_same_weights(tmp_path, monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     runs = []
-    for load in (0.0, 40.0):  # an idle machine, then a very busy one
-        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
-        runs.append(fit(tiny_cfg(tmp_path, name=f"load{int(load)}", threads=0, epochs=1, max_steps=12),
-                        verbose=False))
+    torch.set_num_threads(2)  # as in a fresh process on 2 cores (a load heuristic would then pick 1 or 2)
+    try:
+        for load in (0.0, 40.0):  # an idle machine, then a very busy one
+            monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+            runs.append(fit(tiny_cfg(tmp_path, name=f"load{int(load)}", threads=0, epochs=1, max_steps=12),
+                            verbose=False))
+    finally:
+        torch.set_num_threads(1)
     assert not _same_weights(_weights(runs[0].run_dir), _weights(runs[1].run_dir))
-    cores = len(os.sched_getaffinity(0))
-    assert runs[0].summary["threads"] == runs[1].summary["threads"] == cores
+    assert runs[0].summary["threads"] == runs[1].summary["threads"] == 2
     # the count is recorded, and a resume continues with it (here one the default would not pick)
     part = fit(tiny_cfg(tmp_path, name="one", threads=1, epochs=1, max_steps=5), verbose=False)
     assert ckpt.read_state(ckpt.resolve_checkpoint(part.run_dir)["state"])["threads"] == 1

@@ -88,7 +88,7 @@ class TrainConfig:
     max_steps: int | None = None       # stop (with a checkpoint) after this many optimizer steps
     fsdp: bool = False
     device: str = "auto"
-    threads: int = 0                   # CPU threads for torch (0: every core this process may use)
+    threads: int = 0                   # CPU threads for torch (0: torch's count, every core unless OMP_NUM_THREADS says otherwise)
     tensorboard: bool = True
     progress: bool = True              # progress bar (still off when not a terminal or CI=true)
 
@@ -408,7 +408,8 @@ FIELD_HELP = {
     "max_steps": "stop with a checkpoint after this many optimizer steps",
     "fsdp": "shard parameters with FSDP (under torchrun)",
     "device": "auto, cpu, cuda, cuda:N",
-    "threads": "CPU threads for torch (0: every core this process may use; a resumed run keeps its count)",
+    "threads": "CPU threads for torch (0: every core, as torch counts them, or OMP_NUM_THREADS; never the load; "
+               "a resumed run keeps its count)",
     "tensorboard": "write TensorBoard event files",
     "progress": "progress bar (off anyway when not a terminal or CI=true)",
 }

@@ -159,17 +159,12 @@ def _finite(t) -> bool:
 
 
 def default_threads() -> int:
-    """threads=0: every core this process may use (its CPU affinity, which honours taskset and
-    container cpusets), or OMP_NUM_THREADS where set (torchrun sets 1 per process). Never the
-    machine's load: float sums depend on the thread count, so a count that followed the load
-    would give the same command and seed different weights on a busy machine."""
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return os.cpu_count() or 1
+    """threads=0: torch's intra-op thread count for this process, which is every core (physical
+    cores, as torch counts them at start-up) unless OMP_NUM_THREADS (torchrun sets 1 per process)
+    or the program (torch.set_num_threads) said otherwise. Never the machine's load: float sums
+    depend on the thread count, so a count that followed the load average would give the same
+    command and seed different weights on a busy machine."""
+    return max(1, torch.get_num_threads())
 
 
 def _cpu_threads(cfg: TrainConfig, info: D.DistInfo, resumed: int | None) -> tuple[int | None, str]:
