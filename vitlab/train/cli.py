@@ -174,6 +174,11 @@ def _report(result, args, verb: str) -> int:
         return 0
     if result.rank != 0:  # under torchrun only rank 0 reports
         return 0
+    if getattr(result, "already_complete", False):  # fit said so unless --quiet; nothing was trained
+        if getattr(args, "quiet", False):
+            print(f"run {result.run_dir} is complete ({s.get('epochs')} epochs); nothing to do")
+        print(f"run: {result.run_dir}   (vitlab eval {result.run_dir}; curves.png, metrics.jsonl, checkpoints/)")
+        return 0
     acc = s.get("val_acc")
     best = s.get("best_val_acc")
     if acc is not None:

@@ -145,7 +145,9 @@ class TrainConfig:
         # (and a number given as text, lr='1e-3', is taken as the number)
         hints = field_types()
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f.name, parsed=True))
+            v = getattr(self, f.name)
+            if not _has_type(v, hints[f.name]):  # values of the right type are kept as they are
+                setattr(self, f.name, _coerce(v, hints[f.name], f.name, parsed=True))
 
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
@@ -205,6 +207,31 @@ def field_types() -> dict[str, Any]:
     return _HINTS
 
 
+
+
+def _has_type(value, tp) -> bool:
+    """Whether `value` already is of field type `tp` (ints count as floats, never bools as numbers)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(_has_type, value, args))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return True
 
 
 def _parse_scalar(text: str):

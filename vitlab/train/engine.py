@@ -9,7 +9,12 @@ are dropped (every step sees the same number of images).
 
 The position in the data is fully determined by (seed, epoch, step in epoch), and every
 random stream (torch, numpy, python, the augmentation generator, per rank) is saved in the
-checkpoint, so a resumed run continues bit for bit (on CPU, with a fixed seed).
+checkpoint, so a resumed run continues bit for bit (on CPU, with a fixed seed, and the thread
+count the run recorded).
+
+Nothing is lost: the run directory is locked for the run's life (runlock.py); Ctrl-C, SIGTERM
+and SIGUSR1 finish the step, save and stop (every rank at the same step); a non-finite loss or
+gradient is caught before the update, so no checkpoint ever holds non-finite weights.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ class RunResult:
     history: list[dict] = field(default_factory=list)      # metrics.jsonl records of this run
     step_losses: list[float] = field(default_factory=list)  # global mean loss of every step (this session)
     rank: int = 0                                           # this process's rank (0 writes and reports)
+    already_complete: bool = False                          # a --resume of a finished run: nothing was done
 
 
 # ---------------------------------------------------------------------------- seeding / RNG
@@ -304,11 +310,15 @@ def _finished_run(cfg: TrainConfig, state: dict, run_dir: Path, info: D.DistInfo
         return None
     if not summary.get("finished") or summary.get("steps") != step:
         return None
-    done = step // spe
     if verbose and info.is_main:
-        print(f"run {run_dir} is complete: it trained {done} epochs ({step} steps); nothing to do. "
-              f"To train it longer, pass more epochs: vitlab train --resume {run_dir} epochs={done + 1}", flush=True)
-    return RunResult(run_dir, summary, read_jsonl(run_dir / "metrics.jsonl"), [], info.rank)
+        print(complete_message(run_dir, step, spe), flush=True)
+    return RunResult(run_dir, summary, read_jsonl(run_dir / "metrics.jsonl"), [], info.rank, already_complete=True)
+
+
+def complete_message(run_dir: Path, step: int, steps_per_epoch: int) -> str:
+    done = step // steps_per_epoch
+    return (f"run {run_dir} is complete: it trained {done} epochs ({step} steps); nothing to do. "
+            f"To train it longer, pass more epochs: vitlab train --resume {run_dir} epochs={done + 1}")
 
 
 # ---------------------------------------------------------------------------- the loop
