@@ -145,7 +145,8 @@ def test_sigkill_during_saves_leaves_a_complete_checkpoint(tmp_path):
 
 
 def test_mismatched_checkpoint_is_refused_listing_differences(tmp_path):
-    run = fit(tiny_cfg(tmp_path, name="a", epochs=1), verbose=False)
+    # stopped before its end (a finished run is not resumed at all: it is complete)
+    run = fit(tiny_cfg(tmp_path, name="a", epochs=1, max_steps=10), verbose=False)
     other = create_model("vit_nano_p2", num_classes=5, img_size=16, in_chans=1, **TINY)
     tensors, meta = ckpt.read_weights(ckpt.resolve_checkpoint(run.run_dir)["weights"])
     with pytest.raises(CheckpointError) as e:

@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     except VitlabError as e:
         print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # a training run stopped by SIGTERM/SIGUSR1 saved a checkpoint and exits with the shell's
+        # status for that signal (128 + number: 143 for SIGTERM), as a killed process would
+        print(f"vitlab {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return int(getattr(e, "exit_status", 130))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,10 @@ class CheckpointError(VitlabError, ValueError):
     """A corrupt checkpoint, or one that does not match the model it is loaded into."""
 
 
+class TrainingDiverged(VitlabError, ArithmeticError):
+    """Training stopped because the loss (or its gradient) stopped being a finite number."""
+
+
 def did_you_mean(word: str, choices, n: int = 3) -> str:
     """' Did you mean: a, b?' for the closest choices, or '' when nothing is close."""
     choices = list(choices)

@@ -23,7 +23,7 @@ import torch
 from ..errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit, transparent and EXIF-rotated images decoded as shown (see to_mode)
 MAX_LISTED_WARNINGS = 20
 
 
@@ -54,13 +54,56 @@ def scan(root: Path) -> tuple[list[str], list[tuple[str, int, int, int]]]:
     return classes, files
 
 
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees (width and height swap)
+
+
+def _orientation(im) -> int:
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # a damaged EXIF block: show the pixels as stored
+        return 1
+
+
 def _header_size(path: str):
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return im.size  # (W, H): PIL reads only the header here
+            w, h = im.size  # PIL reads only the header here
+            # the size the image is shown at: a photo taken upright is stored sideways + an EXIF tag
+            return (h, w) if _orientation(im) in _SWAPS_SIDES else (w, h)
     except Exception as e:  # any failure to identify the file makes it a bad image
         return e
+
+
+def to_mode(im, mode: str):
+    """`im` (any mode PIL opens) as an 8-bit 'RGB' or 'L' image with the values it shows:
+
+    - EXIF orientation applied (phone photos are stored sideways with a rotation tag);
+    - 16-bit grey ('I;16*', and 'I' as PIL opens 16-bit PNG/PGM/TIFF) scaled 0..65535 -> 0..255
+      (PIL's own convert clips every value above 255, which made such images solid white);
+      16-bit RGB PNGs PIL already reduces to 8 bits correctly;
+    - transparency (RGBA, LA, PA, palette with a transparent colour) composited onto white,
+      as a viewer shows it, instead of exposing whatever colour the transparent pixels hold;
+    - CMYK, YCbCr, LAB, palette and 1-bit images through PIL's conversions.
+    """
+    from PIL import Image, ImageOps
+
+    if _orientation(im) != 1:
+        im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im).astype(np.float64)
+        arr = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)  # 65535 / 257 = 255 exactly
+        im = Image.fromarray(arr, mode="L")
+    elif im.mode == "F":  # float images: PIL clips to 0..255, as for 8-bit values
+        im = im.convert("L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba).convert("RGB")
+    return im if im.mode == mode else im.convert(mode)
 
 
 def _decode(path: str, size_hw: tuple[int, int], mode: str, fit: str):
@@ -71,8 +114,9 @@ def _decode(path: str, size_hw: tuple[int, int], mode: str, fit: str):
         with Image.open(path) as im:
             # JPEG draft mode decodes at 1/2, 1/4, 1/8 scale when the target is that much smaller:
             # far less work for large photos, same result after the final resize.
-            im.draft("RGB" if mode == "RGB" else "L", (w, h))
-            im = im.convert(mode)
+            turned = _orientation(im) in _SWAPS_SIDES
+            im.draft("RGB" if mode == "RGB" else "L", (h, w) if turned else (w, h))
+            im = to_mode(im, mode)
             if im.size != (w, h):
                 if fit == "center_crop":
                     im = ImageOps.fit(im, (w, h), method=Image.Resampling.BILINEAR)

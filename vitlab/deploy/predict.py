@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..data.imagefolder import IMAGE_EXTENSIONS
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from .preprocess import Preprocess, load_spec, spec_from_info
 
 _GLOB_CHARS = set("*?[")
@@ -131,7 +131,12 @@ def predict_iter(source: str | Path, paths: Iterable[str | Path], *, batch_size:
             if note:  # what was done to an image unlike the training data (colour, a large resize)
                 records[-1]["note"] = note
         if images:
-            probs = runner(pre(images)).float().softmax(dim=-1)
+            logits = runner(pre(images)).float()
+            if not bool(torch.isfinite(logits).all()):  # broken weights: never a 'nan%' prediction
+                raise CheckpointError(f"the model in {str(spec.get('checkpoint', source))!r} outputs NaN/inf: its "
+                                      f"weights are not finite (the run diverged?); use an earlier checkpoint "
+                                      f"(e.g. --best) or retrain with a lower lr")
+            probs = logits.softmax(dim=-1)
             top = probs.topk(k, dim=-1)
             for row, slot in enumerate(slots):
                 records[slot]["top"] = [{"class": names[int(i)], "index": int(i), "prob": float(v)}

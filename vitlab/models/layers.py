@@ -310,6 +310,11 @@ def check_divisible(img_size: tuple[int, int], patch_size: tuple[int, int]) -> N
 
 def check_input(x: torch.Tensor, in_chans: int, img_size, patch_size, dynamic: bool) -> None:
     """One clear error for a wrong input shape, instead of a conv/reshape failure deep inside."""
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(f"expected a tensor of images of shape (batch, {in_chans}, H, W), got a {type(x).__name__}; "
+                          f"stack the images into one tensor first (torch.stack)")
+    if x.ndim == 4 and x.shape[0] == 0:
+        raise ConfigError("got an empty batch (0 images); pass at least one image")
     if x.ndim != 4:
         raise ConfigError(f"expected images of shape (batch, {in_chans}, H, W), got a tensor of shape "
                           f"{tuple(x.shape)}")

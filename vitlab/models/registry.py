@@ -10,6 +10,7 @@ builder's signature, and calls the builder.
 from __future__ import annotations
 
 import inspect
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -84,6 +85,9 @@ def register_family(family: str, builder: Callable[..., nn.Module], variants: di
 
 def resolve_name(name: str) -> str:
     """Canonical name for a name or alias; ConfigError with close matches otherwise."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"the model name must be a non-empty string such as 'vit_b16', got {name!r}; "
+                          f"run `vitlab models` for the list")
     load_families()
     if name in _REGISTRY:
         return name
@@ -131,6 +135,11 @@ def create_model(name: str, num_classes: int = 1000, img_size: int | tuple[int, 
         raise ConfigError(f"num_classes must be a non-negative integer, got {num_classes!r}")
     if not isinstance(in_chans, int) or in_chans < 1:
         raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}")
+    sizes = img_size if isinstance(img_size, (tuple, list)) else (img_size,)
+    if img_size is not None and not (len(sizes) in (1, 2) and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in sizes)):
+        raise ConfigError(f"img_size must be a positive integer or (height, width), got {img_size!r}; "
+                          f"e.g. img_size={spec.default_img_size}")
     cfg = {**spec.config, **overrides}
     cfg.update(num_classes=num_classes, in_chans=in_chans,
                img_size=spec.default_img_size if img_size is None else img_size)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,12 +19,14 @@ from ..errors import CheckpointError, ConfigError, DataError
 from .checkpoint import build_model_from_config, load_model
 from .config import TrainConfig, apply_overrides
 from .engine import RunResult, fit
+from .runlog import dumps
 
 
-def train(config: TrainConfig | dict | None = None, **overrides) -> RunResult:
+def train(config: TrainConfig | dict | str | Path | None = None, **overrides) -> RunResult:
     """Train a model; returns RunResult(run_dir, summary, history, step_losses).
 
-    `config` is a TrainConfig (or a dict of its fields); keyword arguments override fields.
+    `config` is a TrainConfig, a dict of its fields or the path of a YAML config file
+    (e.g. "configs/digits.yaml"); keyword arguments override fields.
     With `config.resume` set to a run directory the run continues from its last checkpoint:
     its saved config is used, overridden by any field given here that differs from the
     defaults (e.g. `epochs=`)."""
@@ -33,6 +34,13 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> RunResult:
         config = TrainConfig()
     elif isinstance(config, dict):
         config = TrainConfig.from_dict(config)
+    elif isinstance(config, (str, Path)):
+        from .config import load_config
+
+        config = load_config(config)
+    elif not isinstance(config, TrainConfig):
+        raise ConfigError(f"train() takes a TrainConfig, a dict of its fields or a YAML file path, got "
+                          f"{type(config).__name__}")
     if overrides:
         config = apply_overrides(config, overrides)
     return fit(config)
@@ -78,6 +86,11 @@ def evaluate(run_or_checkpoint: str | Path, dataset: str | None = None, data_dir
 
     if split not in ("val", "train"):
         raise ConfigError(f"split={split!r} is not valid; choose val or train")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer (e.g. --batch-size 512)")
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} is a file; pass a folder for eval.json and confusion.png")
     model, info = load_model(run_or_checkpoint, which=which, ema=ema)
     dev = resolve_device(device)
     model.to(dev)
@@ -91,6 +104,7 @@ def evaluate(run_or_checkpoint: str | Path, dataset: str | None = None, data_dir
     tf = BatchTransform(AugmentConfig(img_size=info["img_size"]), info["mean"] or bundle.mean,
                         info["std"] or bundle.std, bundle.num_classes, train=False)
     logits = _logits(model, data, tf, dev, batch_size)
+    _check_finite(logits, info)
     labels = data.labels.long()
     k = info["num_classes"]
     pred = logits.argmax(dim=1)
@@ -106,14 +120,27 @@ def evaluate(run_or_checkpoint: str | Path, dataset: str | None = None, data_dir
         "per_class_accuracy": per_class, "confusion_matrix": cm.tolist(), "class_names": names,
         "ema": info["ema"],
     }
-    out_dir = Path(out) if out is not None else Path(info["run_dir"]) / f"eval-{bundle.name}-{split}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_dir if out_dir is not None else Path(info["run_dir"]) / f"eval-{bundle.name}-{split}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the output folder {str(out_dir)!r} ({e.strerror or type(e).__name__}); "
+                          f"pass --out a folder you can write to") from None
     if plot:
         result["confusion_png"] = str(_plot_confusion(cm, names, out_dir / "confusion.png",
                                                       f"{bundle.name} {split}: accuracy {100 * result['accuracy']:.2f}%"))
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "eval.json").write_text(dumps(result, indent=1))
     result["json"] = str(out_dir / "eval.json")
     return result
+
+
+def _check_finite(logits: torch.Tensor, info: dict) -> None:
+    """Non-finite outputs mean broken weights (a run that diverged before vitlab guarded against
+    it, or a damaged file): say so instead of reporting 'nan%' as a prediction."""
+    if logits.numel() and not bool(torch.isfinite(logits).all()):
+        raise CheckpointError(f"the model in {info['checkpoint']!r} outputs NaN/inf: its weights are not finite "
+                              f"(the run diverged?); use an earlier checkpoint (e.g. --best) or retrain with a "
+                              f"lower lr")
 
 
 def _plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str) -> Path:
@@ -261,12 +288,16 @@ def _matching_config(cfg: TrainConfig, model) -> TrainConfig:
 def _read_image(path: str | Path, in_chans: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
+    from ..data.imagefolder import to_mode
+
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{str(p)!r} is a folder, not an image; pass image files (e.g. {str(p / '*.jpg')!r})")
     if not p.is_file():
         raise DataError(f"image {str(p)!r} does not exist; pass paths of image files (JPEG, PNG, ...)")
     try:
         with Image.open(p) as im:
-            im = im.convert("L" if in_chans == 1 else "RGB")
+            im = to_mode(im, "L" if in_chans == 1 else "RGB")
             arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
             h, w = im.height, im.width
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -299,7 +330,9 @@ def predict(checkpoint: str | Path, images: Sequence[str | Path], topk: int = 5,
     names = list(info.get("class_names") or [str(i) for i in range(k)])
     tf = BatchTransform(AugmentConfig(img_size=info["img_size"]), info["mean"], info["std"], k, train=False)
     batch = [tf(_read_image(p, info["in_chans"])[None], torch.zeros(1, dtype=torch.int64))[0] for p in images]
-    probs = model(torch.cat(batch).to(dev)).float().softmax(dim=-1).cpu()
+    logits = model(torch.cat(batch).to(dev)).float()
+    _check_finite(logits, info)
+    probs = logits.softmax(dim=-1).cpu()
     top = probs.topk(min(topk, k), dim=-1)
     results = [{"image": str(p), "top": [{"class": names[int(i)], "index": int(i), "prob": float(v)}
                                          for v, i in zip(top.values[n], top.indices[n])]}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -63,12 +64,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600 files; a run directory shared with a group must be readable like
+        # any other file its owner writes: the permissions the umask gives a new file
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -129,9 +139,11 @@ def read_weights(path: str | Path, map_location: str = "cpu") -> tuple[dict[str,
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for every kind of damage
+        other = ("the run's last one: pass the run directory without --best" if path.name == BEST
+                 else "best.safetensors")
         raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or not a safetensors file "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}); "
-                              f"use another checkpoint (e.g. best.safetensors) or retrain") from None
+                              f"use another checkpoint (e.g. {other}) or retrain") from None
     try:
         info = json.loads(meta["vitlab"]) if "vitlab" in meta else {}
     except json.JSONDecodeError:
@@ -159,6 +171,15 @@ def read_state(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
                               f"(its weights can still be evaluated or fine-tuned)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e) or "unsupported global" in str(e).lower():
+            # torch's safe loader met a Python object other than tensors and plain containers:
+            # refused, never executed (a crafted state file can run code when unpickled)
+            raise CheckpointError(f"training state {str(path)!r} was refused as unsafe: it holds Python objects "
+                                  f"other than tensors and plain data, which vitlab never unpickles; resume only "
+                                  f"runs written by vitlab (or start again)") from None
+        raise CheckpointError(f"training state {str(path)!r} is corrupt ({type(e).__name__}); "
+                              f"resume from another run or start again") from None
     except Exception as e:
         raise CheckpointError(f"training state {str(path)!r} is corrupt ({type(e).__name__}); "
                               f"resume from another run or start again") from None
@@ -176,10 +197,24 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, weights: dict, meta: dict, 
     stem = f"step-{step:08d}"
     weights_path = ckpt_dir / f"{stem}.safetensors"
     state_path = ckpt_dir / f"{stem}.state.pt"
-    save_weights(weights_path, weights, meta, ema)
-    save_state(state_path, {"format_version": FORMAT, **state})
     pointer = {"step": step, "epoch": state.get("epoch"), "weights": weights_path.name, "state": state_path.name}
-    atomic_write_text(ckpt_dir / POINTER, json.dumps(pointer, indent=1))
+    previous = last_step(ckpt_dir)
+    try:
+        save_weights(weights_path, weights, meta, ema)
+        save_state(state_path, {"format_version": FORMAT, **state})
+        atomic_write_text(ckpt_dir / POINTER, json.dumps(pointer, indent=1))
+    except Exception as e:
+        if not write_failure(e):
+            raise
+        if previous != step:  # the uncommitted generation's files only take space
+            for p in (weights_path, state_path):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        kept = (f"the previous checkpoint (step {previous}) is intact" if previous is not None
+                else "no earlier checkpoint exists")
+        raise CheckpointError(f"could not write the checkpoint of step {step} in {str(ckpt_dir)!r} "
+                              f"({why(e)}); {kept}: free space (or fix the folder), then continue with "
+                              f"--resume {ckpt_dir.parent}") from None
     # only now is the new generation the last good one: remove everything else
     for p in ckpt_dir.iterdir():
         stale = (p.name.startswith("step-") and p.name not in (weights_path.name, state_path.name)) or \
@@ -188,6 +223,22 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, weights: dict, meta: dict, 
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
     return weights_path
+
+
+def write_failure(e: BaseException) -> bool:
+    """An error of writing a file (disk full, quota, permissions, I/O), from Python or from
+    safetensors (which reports it as its own error type)."""
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+
+
+def why(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    for known in ("No space left on device", "Disk quota exceeded", "Permission denied", "Read-only file system"):
+        if known in text:
+            return known
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else 'write failed'}"
 
 
 def read_pointer(ckpt_dir: Path) -> dict:
@@ -199,6 +250,14 @@ def read_pointer(ckpt_dir: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(f"checkpoint pointer {str(path)!r} is corrupt; pass a .safetensors file "
                               f"from {str(ckpt_dir)!r} instead") from None
+
+
+def last_step(ckpt_dir: Path) -> int | None:
+    """The step of the run's committed checkpoint, or None when it has none (or it is unreadable)."""
+    try:
+        return read_pointer(Path(ckpt_dir))["step"] if (Path(ckpt_dir) / POINTER).is_file() else None
+    except CheckpointError:
+        return None
 
 
 def resolve_checkpoint(path: str | Path, which: str = "last") -> dict:
@@ -303,6 +362,9 @@ def load_model(run_dir_or_checkpoint: str | Path, map_location: str = "cpu", whi
     directory; `ema` picks the EMA weights (default: when the checkpoint has them, since
     they are the ones evaluated).
     """
+    from ..errors import check_choice
+
+    check_choice("which", which, ("last", "best"))
     found = resolve_checkpoint(run_dir_or_checkpoint, which)
     tensors, meta = read_weights(found["weights"], map_location="cpu")
     cfg = meta.get("config")

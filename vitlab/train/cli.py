@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from .runlog import dumps
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -184,6 +185,9 @@ def _train_config(args):
         if args.config:
             raise ConfigError("--resume continues a run with its own saved config; drop --config "
                               "(change single options with key=value)")
+        from .runlock import ensure_free
+
+        ensure_free(args.resume)
         found = resolve_checkpoint(args.resume)
         if found["state"] is None:
             raise ConfigError(f"{args.resume!r} has no training state to resume; pass a run directory")
@@ -212,9 +216,14 @@ def _report(result, args, verb: str) -> int:
 
     s = result.summary
     if getattr(args, "json", False) and result.rank == 0:
-        print(json.dumps(s, indent=1))
+        print(dumps(s, indent=1))
         return 0
     if result.rank != 0:  # under torchrun only rank 0 reports
+        return 0
+    if getattr(result, "already_complete", False):  # fit said so unless --quiet; nothing was trained
+        if getattr(args, "quiet", False):
+            print(f"run {result.run_dir} is complete ({s.get('epochs')} epochs); nothing to do")
+        print(f"run: {result.run_dir}   (vitlab eval {result.run_dir}; curves.png, metrics.jsonl, checkpoints/)")
         return 0
     acc = s.get("val_acc")
     best = s.get("best_val_acc")
@@ -238,7 +247,7 @@ def run_eval(args) -> int:
                  out=args.out, which="best" if args.best else "last", ema=False if args.no_ema else None,
                  device=args.device)
     if args.json:
-        print(json.dumps(r, indent=1))
+        print(dumps(r, indent=1))
         return 0
     from rich.console import Console
     from rich.table import Table

@@ -42,6 +42,7 @@ class TrainConfig:
     split_seed: int = 0
     train_fraction: float = 1.0
     on_bad_image: str = "skip"
+    allow_single_class: bool = False   # a classification set with one class is an error unless set
     img_size: int | None = None        # None: the data's native size
     num_classes: int | None = None     # filled in from the data (recorded for checkpoints)
     in_chans: int | None = None        # filled in from the data
@@ -68,6 +69,7 @@ class TrainConfig:
     warmup_steps: int | None = None    # overrides warmup_epochs when set
     schedule: str = "cosine"
     grad_clip: float = 1.0             # global-norm clipping; 0 = off
+    on_nonfinite: str = "stop"         # a NaN/inf loss or gradient: stop (the run diverged) or skip the step
     accum_steps: int = 1
     ema_decay: float = 0.0             # EMA of weights; 0 = off
     precision: str = "auto"            # auto: bf16 on GPUs with native bf16 (sm80+), fp32 elsewhere
@@ -86,7 +88,7 @@ class TrainConfig:
     max_steps: int | None = None       # stop (with a checkpoint) after this many optimizer steps
     fsdp: bool = False
     device: str = "auto"
-    threads: int = 0                   # CPU threads for torch (0: torch's default)
+    threads: int = 0                   # CPU threads for torch (0: torch's count, every core unless OMP_NUM_THREADS says otherwise)
     tensorboard: bool = True
     progress: bool = True              # progress bar (still off when not a terminal or CI=true)
 
@@ -145,11 +147,21 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        # a TrainConfig built directly (TrainConfig(epochs='abc')) skips the typing that YAML and
+        # key=value go through: type every field here, so a wrong type is one clear error
+        # (and a number given as text, lr='1e-3', is taken as the number)
+        hints = field_types()
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not _has_type(v, hints[f.name]):  # values of the right type are kept as they are
+                setattr(self, f.name, _coerce(v, hints[f.name], f.name, parsed=True))
+
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("cpu_allocator", self.cpu_allocator, ("tuned", "system"))
         check_choice("on_bad_image", self.on_bad_image, ("skip", "error"))
+        check_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         for name in ("epochs", "batch_size", "eval_batch_size", "accum_steps", "eval_every"):
             v = getattr(self, name)
             need(v >= 1, f"{name}={v} must be at least 1")
@@ -173,7 +185,7 @@ class TrainConfig:
         need(0 < self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in (0, 1)")
         need(0 < self.train_fraction <= 1, f"train_fraction={self.train_fraction} must be in (0, 1]")
         need(self.img_size is None or self.img_size >= 1, f"img_size={self.img_size} must be a positive integer")
-        need(self.threads >= 0, f"threads={self.threads} must be >= 0 (0: torch's default)")
+        need(self.threads >= 0, f"threads={self.threads} must be >= 0 (0: every core)")
         need(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps} must be at least 1")
         for name in ("drop_path", "dropout"):
@@ -204,6 +216,31 @@ def field_types() -> dict[str, Any]:
 
 
 
+def _has_type(value, tp) -> bool:
+    """Whether `value` already is of field type `tp` (ints count as floats, never bools as numbers)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(_has_type, value, args))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return True
+
+
 def _parse_scalar(text: str):
     import yaml
 
@@ -217,7 +254,8 @@ def _coerce(value, tp, key: str, parsed: bool):
     """Convert `value` (a YAML value, or the raw text of an override) to the field type."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    bad = ConfigError(f"{key}={value!r} is not a valid {_type_name(tp)}")
+    bad = ConfigError(f"{key}={value!r} is not a valid {_type_name(tp)}; give {key} a value of that type "
+                      f"(`vitlab train --help` lists every option with its type and default)")
     if tp is Any:
         return _parse_scalar(value) if not parsed and isinstance(value, str) else value
     if origin in (typing.Union, types.UnionType):
@@ -332,7 +370,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         raise ConfigError(f"config file {str(path)!r} not found; pass an existing YAML file "
                           f"(see configs/ for examples)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text file (not UTF-8); pass a YAML file of "
+                          f"option: value lines (see configs/)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     cfg = TrainConfig.from_dict(data, source=str(path))
@@ -357,6 +398,7 @@ FIELD_HELP = {
     "split_seed": "seed of that held-out split",
     "train_fraction": "use a seeded stratified fraction of the training set",
     "on_bad_image": "skip or error: what an unreadable image file does",
+    "allow_single_class": "train a classifier on a data set with one class (an error otherwise: it learns nothing)",
     "img_size": "training resolution (null: the data's native size)",
     "num_classes": "set from the data",
     "in_chans": "set from the data",
@@ -381,6 +423,7 @@ FIELD_HELP = {
     "warmup_steps": "linear warmup length in steps (overrides warmup_epochs)",
     "schedule": "cosine, linear or constant decay after warmup (per step)",
     "grad_clip": "clip the global gradient norm (0 = off)",
+    "on_nonfinite": "a NaN/inf loss or gradient: stop (diverged; the last good checkpoint is kept) or skip the step",
     "accum_steps": "gradient accumulation steps per optimizer step",
     "ema_decay": "EMA of weights (0 = off); evaluation then uses the EMA",
     "precision": "auto (bf16 on GPUs with native bf16, sm80+; fp32 on CPU), bf16 (autocast) or fp32",
@@ -399,7 +442,8 @@ FIELD_HELP = {
     "max_steps": "stop with a checkpoint after this many optimizer steps",
     "fsdp": "shard parameters with FSDP (under torchrun)",
     "device": "auto, cpu, cuda, cuda:N",
-    "threads": "CPU threads for torch (0: torch's default)",
+    "threads": "CPU threads for torch (0: every core, as torch counts them, or OMP_NUM_THREADS; never the load; "
+               "a resumed run keeps its count)",
     "tensorboard": "write TensorBoard event files",
     "progress": "progress bar (off anyway when not a terminal or CI=true)",
 }

@@ -9,12 +9,19 @@ are dropped (every step sees the same number of images).
 
 The position in the data is fully determined by (seed, epoch, step in epoch), and every
 random stream (torch, numpy, python, the augmentation generator, per rank) is saved in the
-checkpoint, so a resumed run continues bit for bit (on CPU, with a fixed seed).
+checkpoint, so a resumed run continues bit for bit (on CPU, with a fixed seed, and the thread
+count the run recorded).
+
+Nothing is lost: the run directory is locked for the run's life (runlock.py); Ctrl-C, SIGTERM
+and SIGUSR1 finish the step, save and stop (every rank at the same step); a non-finite loss or
+gradient is caught before the update, so no checkpoint ever holds non-finite weights.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
 import os
 import random
 import time
@@ -25,13 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from . import checkpoint as ckpt
 from . import distributed as D
+from . import runlock
 from .config import SESSION_FIELDS, TrainConfig, save_config
 from .objectives import build_objective
 from .optim import ModelEma, build_optimizer, lr_at
 from .runlog import RunLog, plot_curves, plural, read_jsonl
+from .runlog import dumps as json_dumps
 
 
 @dataclass
@@ -41,6 +50,7 @@ class RunResult:
     history: list[dict] = field(default_factory=list)      # metrics.jsonl records of this run
     step_losses: list[float] = field(default_factory=list)  # global mean loss of every step (this session)
     rank: int = 0                                           # this process's rank (0 writes and reports)
+    already_complete: bool = False                          # a --resume of a finished run: nothing was done
 
 
 # ---------------------------------------------------------------------------- seeding / RNG
@@ -81,68 +91,117 @@ def set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
-class _GracefulInterrupt:
-    """The first Ctrl-C finishes the current optimizer step, saves a checkpoint and stops
-    (resumable); a second one interrupts at once. One process only: under torchrun the
-    ranks could stop at different steps."""
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped on a signal after saving a checkpoint; `exit_status` is the shell's
+    convention for that signal (128 + its number: 130 for Ctrl-C, 143 for SIGTERM)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + int(signum)
+
+
+class _GracefulStop:
+    """Ctrl-C (SIGINT), SIGTERM (what SLURM, Kubernetes, preemptible cloud machines and
+    `timeout` send) and SIGUSR1 (the usual pre-preemption warning on clusters) all ask the
+    loop to finish the current optimizer step, save a checkpoint and stop, resumable. A second
+    SIGINT or SIGTERM acts at once (the default action). Under torchrun the ranks agree on the
+    step through a reduction of `signum` after every step (see `_agree`)."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+    def __init__(self):
         import signal
         import threading
 
-        self.requested = False
-        self._old = None
-        if enabled and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+        self.signum = 0
+        self._old: dict = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for name in self.NAMES:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         import signal
 
-        self.requested = True
-        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
+        if not self.signum:
+            self.signum = int(signum)
+        if signum != getattr(signal, "SIGUSR1", None):  # a repeated warning must not kill the run
+            signal.signal(signum, self._old.get(signum) or signal.SIG_DFL)
 
     def restore(self) -> None:
         import signal
 
-        if self._old is not None and not self.requested:
-            signal.signal(signal.SIGINT, self._old)
-        self._old = None
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old = {}
 
 
-def _cpu_threads(cfg: TrainConfig, info: D.DistInfo, resumed: int | None) -> int | None:
-    """CPU threads for this run. threads=0 (auto) keeps torch's default unless the machine is
-    already busy (1-minute load average): intra-op threads that must wait for a busy core spin
-    and slow small models down many times over, so then one thread per free core. A resumed
-    run reuses the count it started with (the float reduction order, hence bit-identity,
-    can depend on it)."""
-    if cfg.threads:
-        return cfg.threads
-    if info.device.type != "cpu":
-        return None
-    if resumed:
-        return int(resumed)
-    n = torch.get_num_threads()
+def _signal_name(signum: int) -> str:
+    import signal
+
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - platforms without getloadavg
-        return n
-    free = max(1, int((os.cpu_count() or n) - load + 0.5))
-    return min(n, free)
+        return signal.Signals(signum).name
+    except ValueError:  # pragma: no cover
+        return f"signal {signum}"
 
 
-def _unique_run_dir(out: Path, name: str | None, cfg: TrainConfig) -> Path:
-    if name:
-        run_dir = out / name
-        if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
-            raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; continue it with "
-                              f"--resume {run_dir} or choose another name (name=...)")
-        return run_dir
-    base = f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, i = out / base, 1
-    while run_dir.exists():
-        run_dir = out / f"{base}-{i}"
-        i += 1
-    return run_dir
+def _agree(signum: int, bad: bool, info: D.DistInfo) -> tuple[int, bool]:
+    """(signal asking to stop, non-finite step) as every rank sees them: a signal that reached
+    one rank, or a non-finite loss on one rank's shard, stops or skips the step on all of them,
+    so they save the same step and stay in lock step."""
+    if not info.enabled:
+        return signum, bad
+    t = torch.tensor([signum, int(bad)], dtype=torch.int64, device=info.device)
+    D.all_reduce_max(t, info)
+    return int(t[0]), bool(t[1])
+
+
+def _finite(t) -> bool:
+    if hasattr(t, "full_tensor"):  # FSDP: a DTensor norm
+        t = t.full_tensor()
+    return bool(torch.isfinite(torch.as_tensor(t)).all())
+
+
+def default_threads() -> int:
+    """threads=0: torch's intra-op thread count for this process, which is every core (physical
+    cores, as torch counts them at start-up) unless OMP_NUM_THREADS (torchrun sets 1 per process)
+    or the program (torch.set_num_threads) said otherwise. Never the machine's load: float sums
+    depend on the thread count, so a count that followed the load average would give the same
+    command and seed different weights on a busy machine."""
+    return max(1, torch.get_num_threads())
+
+
+def _cpu_threads(cfg: TrainConfig, info: D.DistInfo, resumed: int | None) -> tuple[int | None, str]:
+    """(CPU threads for this run, a note to log or ''). A resumed run continues with the count
+    it recorded: the float reduction order, hence bit-identity with an uninterrupted run,
+    depends on it; an explicit other count is honoured, with a note saying so."""
+    if info.device.type != "cpu":
+        return None, ""
+    if resumed and cfg.threads and cfg.threads != int(resumed):
+        return cfg.threads, (f"note: this run trained with {resumed} threads and continues with threads={cfg.threads}: "
+                             f"float sums depend on the thread count, so the weights will differ (slightly) "
+                             f"from an uninterrupted run; resume without threads= to keep {resumed}")
+    if resumed and not cfg.threads:
+        return int(resumed), ""
+    return (cfg.threads or default_threads()), ""
+
+
+def _check_classes(cfg: TrainConfig, bundle) -> None:
+    """A classifier trained on one class learns nothing and scores 100% on its own validation
+    split: refuse that unless asked for (objectives without labels, e.g. mpp, are not affected)."""
+    if cfg.objective != "classification" or cfg.allow_single_class:
+        return
+    present = sorted({int(v) for v in torch.unique(bundle.train.labels).tolist()})
+    if len(present) < 2:
+        names = list(bundle.class_names)
+        which = f" ({names[present[0]]!r})" if present and present[0] < len(names) else ""
+        where = f" in {cfg.data_dir}" if cfg.data_dir else ""
+        raise DataError(f"dataset {bundle.name!r}{where} has images of only one class{which} to train on: a "
+                        f"classifier learns nothing from it (and scores 100% on its own validation split); add a "
+                        f"folder of images for at least one more class, or pass allow_single_class=true if "
+                        f"this is intended")
 
 
 def resolve_img_size(cfg: TrainConfig, bundle) -> int:
@@ -236,6 +295,32 @@ def _meta(cfg: TrainConfig, bundle, step: int, epoch: int) -> dict:
             "std": list(bundle.std), "step": step, "epoch": epoch, "dataset": bundle.name}
 
 
+def _finished_run(cfg: TrainConfig, state: dict, run_dir: Path, info: D.DistInfo, verbose: bool) -> RunResult | None:
+    """A resume of a run that already trained every epoch asked for: say so and change nothing
+    (no log line, no rewritten summary). More epochs (epochs=N) continue it as usual. A run
+    killed between its last checkpoint and its summary is not complete: it goes on (no steps
+    left) and writes the summary."""
+    spe = int(state.get("steps_per_epoch") or 0)
+    step = int(state["step"])
+    if not spe or step < cfg.epochs * spe:
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not summary.get("finished") or summary.get("steps") != step:
+        return None
+    if verbose and info.is_main:
+        print(complete_message(run_dir, step, spe), flush=True)
+    return RunResult(run_dir, summary, read_jsonl(run_dir / "metrics.jsonl"), [], info.rank, already_complete=True)
+
+
+def complete_message(run_dir: Path, step: int, steps_per_epoch: int) -> str:
+    done = step // steps_per_epoch
+    return (f"run {run_dir} is complete: it trained {done} epochs ({step} steps); nothing to do. "
+            f"To train it longer, pass more epochs: vitlab train --resume {run_dir} epochs={done + 1}")
+
+
 # ---------------------------------------------------------------------------- the loop
 def fit(cfg: TrainConfig, model: nn.Module | None = None, bundle=None, verbose: bool = True,
         merge_resume: bool = True, notes: tuple[str, ...] | list[str] = ()) -> RunResult:
@@ -249,21 +334,45 @@ def fit(cfg: TrainConfig, model: nn.Module | None = None, bundle=None, verbose: 
     info = D.init_distributed(cfg.device)
     threads = torch.get_num_threads()
     completed = False
+    locks: list[runlock.RunLock] = []  # the run directory's lock, held until the run ends
     try:
-        result = _fit(cfg, info, model, bundle, verbose, merge_resume, notes)
+        result = _fit(cfg, info, model, bundle, verbose, merge_resume, locks, notes)
         completed = True
         return result
     finally:
+        for lock in locks:
+            lock.release() if completed else lock.discard_if_empty()
         torch.set_num_threads(threads)  # the thread count is process state: leave it as found
         D.shutdown(info, completed)
 
 
+def _locked_everywhere(claim, info: D.DistInfo, locks: list):
+    """Run `claim()` (which locks a run directory and returns (lock, run_dir)) on rank 0 and give
+    every rank its run directory, or its error: a refusal must stop all ranks, not leave the
+    others waiting at the next collective."""
+    run_dir, error = None, None
+    if info.is_main:
+        try:
+            lock, run_dir = claim()
+            locks.append(lock)
+        except ConfigError as e:
+            error = str(e)
+    run_dir, error = D.broadcast_object((run_dir, error), info)
+    if error:
+        raise ConfigError(error)
+    return run_dir
+
+
 def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, verbose: bool,
-         merge_resume: bool, notes=()) -> RunResult:
+         merge_resume: bool, locks: list, notes=()) -> RunResult:
     wall0 = time.perf_counter()
     # ------------------------------------------------------------ resume: the saved config rules
     resume = None
     if cfg.resume:
+        # lock first: a live run may be replacing the very checkpoint files read below
+        resume_dir = runlock.run_dir_of(cfg.resume)
+        if resume_dir.is_dir():
+            _locked_everywhere(lambda: (runlock.acquire(resume_dir, "resume"), resume_dir), info, locks)
         found = ckpt.resolve_checkpoint(cfg.resume)
         if found["state"] is None:
             raise CheckpointError(f"{str(found['weights'])!r} has no training state beside it; resume needs a "
@@ -272,14 +381,27 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
         saved = TrainConfig.from_dict(state["config"], source=f"{found['state']} config")
         cfg = merge_resume_config(saved, cfg) if merge_resume else cfg
         resume = {"found": found, "state": state}
+        cfg.validate(info.world_size)
+        done = _finished_run(cfg, state, Path(found["run_dir"]), info, verbose)
+        if done is not None:
+            return done
     cfg.validate(info.world_size)
-    threads = _cpu_threads(cfg, info, resume["state"].get("threads") if resume else None)
+    if not resume:
+        # claimed and locked before the data loads: a second trainer on the same run is refused at
+        # once; a directory this call made stays only if the run writes something into it
+        def claim():
+            lock = runlock.new_run_dir(Path(cfg.out), cfg.name, runlock.default_run_name(cfg.dataset, cfg.model))
+            return lock, lock.run_dir
+
+        run_dir = _locked_everywhere(claim, info, locks)
+    threads, threads_note = _cpu_threads(cfg, info, resume["state"].get("threads") if resume else None)
     if threads:
         torch.set_num_threads(threads)
 
     # ------------------------------------------------------------ data, model, objective
     seed_everything(cfg.seed)
     bundle = bundle or load_data(cfg)
+    _check_classes(cfg, bundle)
     img_size = resolve_img_size(cfg, bundle)
     cfg = dataclasses.replace(cfg, img_size=img_size, num_classes=int(bundle.num_classes),
                               in_chans=int(bundle.in_chans))
@@ -335,11 +457,10 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     start_step, best, prior_wall, sums = 0, None, 0.0, None
     if resume:
         run_dir = Path(resume["found"]["run_dir"])
-    else:
-        run_dir = D.broadcast_object(_unique_run_dir(Path(cfg.out), cfg.name, cfg) if info.is_main else None, info)
     log = RunLog(run_dir, info.is_main, cfg.tensorboard, verbose=verbose)
+    if threads_note:
+        log.line(threads_note)
     if info.is_main and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
     if resume:
@@ -395,7 +516,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     log.line(f"run {run_dir}: {cfg.model} on {cfg.dataset} ({n_train} train / {len(bundle.val.labels)} val, "
              f"{cfg.num_classes} classes, {img_size}x{img_size}x{cfg.in_chans}), {plural(cfg.epochs, 'epoch')} x "
              f"{plural(steps_per_epoch, 'step')} of {B} images, {cfg.optimizer} lr {cfg.lr:g}, {W} process(es) on {device.type}"
-             + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+             + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else "")
              + (f", {amp_dtype}".replace("torch.", "") if amp_dtype else ""))
     for note in notes:
         log.line(note)
@@ -413,8 +534,30 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     step = start_step
     last_eval: dict = {}
     stop = False
+    stop_signal = 0
+    skipped = int(resume["state"].get("skipped_steps", 0)) if resume else 0  # non-finite steps (on_nonfinite=skip)
+    skipped_in_a_row = 0
     log.start_bar(total_steps, step, "train", cfg.progress)
-    interrupt = _GracefulInterrupt(enabled=not info.enabled)
+    interrupt = _GracefulStop()
+
+    def _diverged(what: str) -> TrainingDiverged:
+        """The error that stops a diverged run: where, the likely cause, and that the last good
+        checkpoint (never overwritten by non-finite weights) is what --resume and eval use."""
+        log.stop_bar()
+        last = ckpt.last_step(run_dir / "checkpoints")
+        hints = [f"the learning rate lr={cfg.lr:g} is too high for this model (try lr={cfg.lr / 10:g})"]
+        if cfg.grad_clip <= 0:
+            hints.append("no gradient clipping (grad_clip=0; try grad_clip=1)")
+        if amp_dtype is not None:
+            hints.append(f"{str(amp_dtype).replace('torch.', '')} overflow (try precision=fp32)")
+        kept = (f"the last good checkpoint (step {last}) is unchanged and is what --resume and eval use"
+                if last is not None else "no checkpoint was written")
+        msg = (f"training diverged: {what}. Likely cause: {' or '.join(hints)}, or non-finite input data. "
+               f"Nothing was saved from this point: {kept}. Start again with a lower lr, or use "
+               f"on_nonfinite=skip to skip such steps")
+        log.line(msg, echo=False)  # the error itself reports it on the terminal
+        log.close()
+        return TrainingDiverged(msg)
 
     def flush_steps() -> None:
         """Global mean loss of the pending steps (one reduction), into steps.jsonl and the sums."""
@@ -426,10 +569,14 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
             return
         losses = torch.stack([t for _, _, t in pending_steps]).double()
         losses = D.all_reduce_sum(losses, info) / W
-        rows = [{"step": s, "lr": lr, "loss": float(v)} for (s, lr, _), v in zip(pending_steps, losses.tolist())]
-        step_losses.extend(r["loss"] for r in rows)
-        sums["loss"] += float(losses.sum())
-        sums["steps"] += len(rows)
+        values = losses.tolist()
+        # a skipped (non-finite) step is logged with loss null and left out of the epoch's mean
+        rows = [{"step": s, "lr": lr, "loss": v if math.isfinite(v) else None}
+                for (s, lr, _), v in zip(pending_steps, values)]
+        step_losses.extend(values)
+        good = [v for v in values if math.isfinite(v)]
+        sums["loss"] += float(sum(good))
+        sums["steps"] += len(good)
         log.steps(rows)
         pending_steps = []
 
@@ -445,7 +592,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                      "scheduler": {"step": step, "total_steps": total_steps, "warmup_steps": warmup,
                                    "schedule": cfg.schedule},
                      "rng": rng, "threads": threads, "config": cfg.to_dict(), "best": best, "sums": sums,
-                     "wall_s": prior_wall + time.perf_counter() - wall0}
+                     "skipped_steps": skipped, "wall_s": prior_wall + time.perf_counter() - wall0}
             ckpt.save_checkpoint(run_dir / "checkpoints", step, weights, _meta(cfg, bundle, step, epoch_done), state,
                                  ema.state_dict() if ema is not None else None)
         D.barrier(info)
@@ -464,6 +611,11 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                   "train_loss": sums["loss"] / max(sums["steps"], 1), **train_metrics,
                   "val_loss": res["loss"], **{f"val_{k}": v for k, v in res.items() if k != "loss"},
                   "images_per_sec": sums["images"] / sums["train_s"] if sums["train_s"] > 0 else None}
+        if not math.isfinite(record["val_loss"]):
+            history.append(record)
+            log.metrics(record)
+            raise _diverged(f"the evaluation after step {step} (epoch {epoch_done}) gave a non-finite validation "
+                            f"loss ({record['val_loss']})")
         primary = getattr(objective, "primary_metric", None)
         score = record.get(f"val_{primary}") if primary else -record["val_loss"]
         improved = best is None or score > best["score"]
@@ -482,7 +634,16 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
             # under FSDP gathering the full weights is collective: every rank takes part
             weights = ema.state_dict() if ema is not None else D.full_model_state(raw, cfg.fsdp)
             if info.is_main:
-                ckpt.save_weights(run_dir / "checkpoints" / ckpt.BEST, weights, _meta(cfg, bundle, step, epoch_done))
+                try:
+                    ckpt.save_weights(run_dir / "checkpoints" / ckpt.BEST, weights,
+                                      _meta(cfg, bundle, step, epoch_done))
+                except Exception as e:
+                    if not ckpt.write_failure(e):
+                        raise
+                    last = ckpt.last_step(run_dir / "checkpoints")
+                    raise CheckpointError(f"could not write {ckpt.BEST} after step {step} ({ckpt.why(e)}); the last "
+                                          f"checkpoint (step {last}) is intact: free space, then continue with "
+                                          f"--resume {run_dir}") from None
 
     # ------------------------------------------------------------ epochs
     epoch = step // steps_per_epoch
@@ -500,6 +661,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 step_loss = torch.zeros((), device=device)
+                step_metrics: dict[str, torch.Tensor] = {}
                 for m in range(A):
                     shard = batch[m * micro:(m + 1) * micro][info.rank * local:(info.rank + 1) * local]
                     # uint8 goes to the device; the batch is augmented there
@@ -514,14 +676,39 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                         (loss / A).backward()
                     step_loss += loss.detach().float() / A
                     for k, v in metrics.items():
-                        pending_metrics[k] = pending_metrics.get(k, 0.0) + torch.as_tensor(v).detach().float() / A
+                        step_metrics[k] = step_metrics.get(k, 0.0) + torch.as_tensor(v).detach().float() / A
                 if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=device.type != "cpu" or None)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(raw)
-                pending_steps.append((step, lr, step_loss))
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=device.type != "cpu" or None)
+                else:
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                # Divergence guard, before the update: a non-finite loss or gradient never reaches the
+                # weights, so the last checkpoint and the weights stay finite. (One host sync per step:
+                # free on CPU, small next to a step on GPU.) Every rank must take the same decision.
+                local_bad = not (_finite(step_loss) and _finite(norm))
+                stop_signal, any_bad = _agree(interrupt.signum, local_bad, info)
+                if any_bad:
+                    optimizer.zero_grad(set_to_none=True)
+                    pending_steps.append((step, lr, torch.full((), float("nan"), device=device)))
+                    flush_steps()
+                    skipped_in_a_row += 1
+                    if cfg.on_nonfinite == "stop" or skipped_in_a_row >= steps_per_epoch:
+                        what = (f"the loss or its gradient is not finite at step {step} (epoch {epoch + 1})"
+                                if cfg.on_nonfinite == "stop" else
+                                f"every step of a whole epoch ({skipped_in_a_row}) had a non-finite loss, up to "
+                                f"step {step}")
+                        raise _diverged(what)
+                    skipped += 1
+                    log.line(f"note: step {step} skipped: non-finite loss or gradient (on_nonfinite=skip; "
+                             f"{skipped} skipped so far)")
+                else:
+                    skipped_in_a_row = 0
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update(raw)
+                    for k, v in step_metrics.items():
+                        pending_metrics[k] = pending_metrics.get(k, 0.0) + v
+                    pending_steps.append((step, lr, step_loss))
                 step += 1
                 sums["images"] += B
                 total_images += B
@@ -541,7 +728,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                 if cfg.max_steps and step >= cfg.max_steps:
                     stop = True
                     break
-                if interrupt.requested:
+                if stop_signal:
                     stop = True
                     break
             dt = time.perf_counter() - t0
@@ -560,10 +747,15 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
         interrupt.restore()
     log.stop_bar()
     flush_steps()
-    if interrupt.requested:
-        log.line(f"interrupted at step {step}: checkpoint saved; continue with --resume {run_dir}")
+    if stop_signal and step < total_steps:
+        msg = (f"stopped by {_signal_name(stop_signal)} at step {step} (epoch {step // steps_per_epoch + 1}): "
+               f"checkpoint saved; continue with: vitlab train --resume {run_dir}")
+        log.line(msg, echo=False)  # the exception carries it to the terminal (the CLI prints it)
         log.close()
-        raise KeyboardInterrupt
+        raise TrainingStopped(stop_signal, msg)
+
+    if skipped:
+        log.line(f"note: {skipped} of {step} steps were skipped: non-finite loss or gradient (on_nonfinite=skip)")
 
     # ------------------------------------------------------------ summary
     finished = step >= total_steps
@@ -585,9 +777,10 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
         "images_per_sec": (total_images * 1.0 / total_train_s) if total_train_s > 0 else None,
         "params": n_params, "flops": flops, "world_size": W, "device": device.type,
         "run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints"),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None, "skipped_steps": skipped,
     }
     if info.is_main:
-        ckpt.atomic_write_text(run_dir / "summary.json", __import__("json").dumps(summary, indent=1))
+        ckpt.atomic_write_text(run_dir / "summary.json", json_dumps(summary, indent=1))
         try:
             plot_curves(run_dir)
         except Exception as e:  # pragma: no cover - a plotting problem must not lose the run

@@ -3,6 +3,7 @@ train.log, curves.png, and the progress bar / log lines on the terminal."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -47,6 +48,23 @@ def fit_width(text: str, width: int | None, sep: str = " | ") -> str:
     return "\n".join(out)
 
 
+def json_safe(obj):
+    """`obj` with every NaN/inf float replaced by None: JSON has no NaN, and a file with a bare
+    `NaN` in it is not JSON that other tools can read."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kw) -> str:
+    """json.dumps that writes null for NaN/inf (and fails rather than write invalid JSON)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kw)
+
+
 def progress_allowed() -> bool:
     """A live bar only on a terminal, never in CI (CI=true) or when output is piped."""
     if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
@@ -63,17 +81,28 @@ class RunLog:
         self.verbose = verbose and enabled
         self.writer = None
         self._bar = None
-        if self.enabled and tensorboard:
+        self._tensorboard = self.enabled and tensorboard
+        self._purge_step: int | None = None
+
+    def _tb(self):
+        """The TensorBoard writer, created at the first record: a run refused before training
+        (a bad resume, a live run) leaves no empty events file behind."""
+        if self.writer is None and self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir))
+            # on resume, purge_step tells TensorBoard to drop the events the interrupted session
+            # wrote after the checkpoint, so curves show each step once
+            self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=self._purge_step)
+        return self.writer
 
     # ------------------------------------------------------------ text
-    def line(self, text: str) -> None:
+    def line(self, text: str, echo: bool = True) -> None:
+        """Print `text` (when verbose) and append it to train.log; echo=False: the log only (the
+        caller reports it another way, e.g. as the error the command exits with)."""
         if not self.enabled and not self.verbose:
             return
         stamp = time.strftime("%H:%M:%S")
-        if self.verbose:
+        if self.verbose and echo:
             if self._bar is not None:
                 self._bar.console.print(fit_width(text, self._bar.console.width), highlight=False)
             else:
@@ -87,9 +116,9 @@ class RunLog:
         if not self.enabled:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for k, v in record.items():
+            f.write(dumps(record) + "\n")
+        if self._tb() is not None:
+            for k, v in json_safe(record).items():
                 if k not in ("epoch", "step") and isinstance(v, (int, float)) and v is not None:
                     group = "val" if k.startswith("val_") else "train" if k.startswith("train_") else "misc"
                     self.writer.add_scalar(f"{group}/{k}", v, record["step"])
@@ -99,21 +128,27 @@ class RunLog:
             return
         with open(self.run_dir / "steps.jsonl", "a") as f:
             for r in rows:
-                f.write(json.dumps(r) + "\n")
-        if self.writer is not None:
+                f.write(dumps(r) + "\n")
+        if self._tb() is not None:
             for r in rows:
-                self.writer.add_scalar("train/step_loss", r["loss"], r["step"])
+                if r["loss"] is not None:
+                    self.writer.add_scalar("train/step_loss", r["loss"], r["step"])
                 self.writer.add_scalar("train/lr", r["lr"], r["step"])
             self.writer.flush()
 
     def truncate_after(self, step: int) -> None:
-        """On resume: forget records written after the checkpoint being resumed."""
+        """On resume from the checkpoint at `step`: forget the records the interrupted session
+        wrote after it. A metrics row's `step` is the step count after its evaluation (the
+        checkpoint at `step` includes the row with that step); a steps.jsonl row's `step` is the
+        index of the optimizer step it logs, i.e. the step done *after* checkpoint `step`, so the
+        checkpoint includes rows 0 .. step-1 only."""
+        self._purge_step = step
         if not self.enabled:
             return
-        for name in ("metrics.jsonl", "steps.jsonl"):
+        for name, keep_row in (("metrics.jsonl", lambda s: s <= step), ("steps.jsonl", lambda s: s < step)):
             path = self.run_dir / name
             if path.is_file():
-                keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+                keep = [ln for ln in path.read_text().splitlines() if ln.strip() and keep_row(json.loads(ln)["step"])]
                 path.write_text("".join(ln + "\n" for ln in keep))
 
     # ------------------------------------------------------------ progress bar
