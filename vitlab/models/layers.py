@@ -220,7 +220,9 @@ class Attention(nn.Module):
     def _attention(self, qkv, return_attn: bool, bias, queries):
         """(out (B, Nq, C), probabilities or None) from qkv (B, N, 3, H, d)."""
         B = qkv.shape[0]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        # (B, H, N, d) views; unbinding dim 2 makes their gradient one (B, N, 3, H, d) buffer, which
+        # the qkv projection's backward reads as it is (no stacked copy to permute back)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         if queries is not None:
             q = q[:, :, :queries]
             bias = None if bias is None else bias[..., :queries, :]
