@@ -142,7 +142,8 @@ def test_fused_mlp_in_row_chunks_equals_plain_mlp(monkeypatch, native_bf16):
     assert _rel(got, want) < 2e-2
 
 
-def test_explicit_and_fused_attention_give_equal_outputs_and_grads():
+def test_explicit_and_fused_attention_give_equal_outputs_and_grads(monkeypatch):
+    monkeypatch.setattr(fast, "MATMUL_TRAIN_DTYPES", (torch.float32,))  # float32 here: tight tolerances
     torch.manual_seed(0)
     attn = accelerate(cvt_mod.ConvAttention(32, 2).train())
     x = torch.randn(2, 1 + 64, 32, requires_grad=True)

@@ -477,14 +477,16 @@ def test_training_attention_kernel_choice_keeps_gradients(kernel):
 
 
 def test_auto_attention_rule_is_deterministic():
-    """'auto' never times anything: explicit products for CPU training at moderate length,
-    SDPA for inference and long sequences (so resumed and distributed runs match exactly)."""
-    q = torch.randn(1, 1, 16, 8, requires_grad=True)
+    """'auto' never times anything: explicit products for reduced-precision CPU training at moderate
+    length, SDPA for float32, inference and long sequences (so resumed and distributed runs match exactly)."""
+    q = torch.randn(1, 1, 16, 8).bfloat16().requires_grad_(True)
     assert fast._choose_kernel(q, q, q, 1.0, None, 0.0, True) == "matmul"
+    q32 = torch.randn(1, 1, 16, 8, requires_grad=True)
+    assert fast._choose_kernel(q32, q32, q32, 1.0, None, 0.0, True) == "sdpa"
     with torch.no_grad():
         assert fast._choose_kernel(q, q, q, 1.0, None, 0.0, False) == "sdpa"
-    long_q = torch.randn(1, 1, 3136, 8, requires_grad=True)
-    long_k = torch.randn(1, 1, 784, 8, requires_grad=True)
+    long_q = torch.randn(1, 1, 3136, 8).bfloat16().requires_grad_(True)
+    long_k = torch.randn(1, 1, 784, 8).bfloat16().requires_grad_(True)
     assert fast._choose_kernel(long_q, long_k, long_k, 1.0, None, 0.0, True) == "sdpa"
 
 

@@ -270,7 +270,7 @@ class FastConvAttention(ConvAttention):
             out = ops.cpu_kernel_attention(q, k, v, self.scale, None, drop, self.training)
             if out is not None:
                 return out, None
-        if (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
+        if (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad and q.dtype in ops.MATMUL_TRAIN_DTYPES
                 and k.shape[-2] <= EXPLICIT_TRAIN_MAX_KEYS and fast_paths_enabled()):
             return _explicit_attention(q, k, v, self.scale, drop, self.training)[0], None
         # fused SDPA otherwise: at all three CvT-13 shapes in bf16 inference it beats explicit

@@ -47,6 +47,10 @@ ATTENTION_KERNELS = ("auto", "measure", "sdpa", "matmul")
 # Measured on the development CPU (AMX, bf16): explicit forward + backward beats SDPA by 2-3x
 # at ViT shapes (197 x 197) and at CvT stage 3 (197 x 50), SDPA wins at CvT stage 1 (3136 x 784).
 MATMUL_TRAIN_MAX_LOGITS = 1 << 18
+# ... and only in reduced precision. In float32 PyTorch's fused CPU attention wins forward + backward
+# (2-core Zen 4, batch 32, SDPA / explicit time: ViT-S/16 0.81-0.86, ViT-B/16 0.65-0.69, CvT-13 stage 3
+# 0.85, stage 1 0.61), while in bf16 the explicit products still win there (1.25x, 1.68x)
+MATMUL_TRAIN_DTYPES = (torch.bfloat16, torch.float16)
 _ATTN_CHOICE: dict[tuple, str] = {}  # (device, dtype, shapes, mask?) -> measured fastest kernel
 _HAS_ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
 
@@ -334,7 +338,8 @@ def _choose_kernel(q, k, v, scale, bias, dropout_p, training) -> str:
     if (not _STATE["enabled"] or q.device.type != "cpu" or (dropout_p and training) or not _plain_context()):
         return "sdpa"
     if kind == "auto":
-        return "matmul" if grad and q.shape[-2] * k.shape[-2] <= MATMUL_TRAIN_MAX_LOGITS else "sdpa"
+        return ("matmul" if grad and q.dtype in MATMUL_TRAIN_DTYPES and q.shape[-2] * k.shape[-2] <= MATMUL_TRAIN_MAX_LOGITS
+                else "sdpa")
     key = (q.device.type, q.dtype, tuple(q.shape), tuple(k.shape), bias is not None, grad, torch.get_num_threads())
     choice = _ATTN_CHOICE.get(key)
     if choice is None:
