@@ -310,7 +310,11 @@ def c_one_class(ctx):
 
 
 def c_predict_dir(ctx):
-    return _cli_error("predict", str(ctx.run()), str(ctx.root))
+    # folders are predicted recursively (vitlab predict RUN FOLDER); one with no image files is an error
+    empty = ctx.root / "no-images"
+    empty.mkdir(exist_ok=True)
+    (empty / "notes.txt").write_text("not an image")
+    return _cli_error("predict", str(ctx.run()), str(empty))
 
 
 def c_corrupt_best(ctx):
@@ -418,8 +422,8 @@ CASES: list[Case] = [
          "diverged, exit 2, valid JSON", has("training diverged", "exit 2", "valid json")),
     Case("imagefolder with one class", "'validation accuracy 100.00%', no warning", c_one_class,
          "refused unless allow_single_class", has("only one class", "allow_single_class=true")),
-    Case("`predict RUN DIRECTORY`", "said the directory 'does not exist'", c_predict_dir, "is a folder",
-         has("is a folder")),
+    Case("`predict RUN FOLDER` (a folder with no images)", "said the directory 'does not exist'", c_predict_dir,
+         "folder has no image files", has("folder has no image files")),
     Case("corrupt `best.safetensors`", "suggested using best.safetensors", c_corrupt_best, "suggests the last",
          lambda m: "corrupt" in m and "e.g. best.safetensors" not in m),
     Case("malicious training state (pickle with os.system)", "reported as 'corrupt'", c_malicious_state,
