@@ -279,9 +279,31 @@ def to_vitlab_state_dict(raw: dict, model: nn.Module | None = None) -> tuple[dic
     sd = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in raw.items()}
     if any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings.")) for k in keys):
         return hf_vit_to_vitlab(sd, strip="vit." if any(k.startswith("vit.") for k in keys) else ""), "Hugging Face"
+    if any(re.match(r"blocks\.\d+\.0\.fn\.0\.weight$", k) for k in keys) and "stem.0.weight" in keys:
+        return timm_convmixer_to_vitlab(sd), "timm ConvMixer"
     if any(k.startswith("pre_logits.fc.") for k in keys) or "fc_norm.weight" in keys:
         return {re.sub(r"^pre_logits\.fc\.", "pre_logits.0.", k): v for k, v in sd.items()}, "timm"
     return sd, "vitlab/timm"
+
+
+# timm's ConvMixer is nn.Sequential-built: stem = (conv, act, BN); block = (Residual(fn=(dw conv, act,
+# BN)), 1x1 conv, act, BN). The indices name the layers; activations hold no tensors.
+_TIMM_CONVMIXER = ((r"^stem\.0\.", "patch_embed."), (r"^stem\.2\.", "patch_norm."),
+                   (r"^blocks\.(\d+)\.0\.fn\.0\.", r"blocks.\1.dw."), (r"^blocks\.(\d+)\.0\.fn\.2\.", r"blocks.\1.dw_norm."),
+                   (r"^blocks\.(\d+)\.1\.", r"blocks.\1.pw."), (r"^blocks\.(\d+)\.3\.", r"blocks.\1.pw_norm."))
+
+
+def timm_convmixer_to_vitlab(sd: dict) -> dict:
+    """timm's ConvMixer state dict (the paper authors' nn.Sequential layout) in vitlab names."""
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in _TIMM_CONVMIXER:
+            new, n = re.subn(pat, rep, k)
+            if n:
+                k = new
+                break
+        out[k] = v
+    return out
 
 
 def npz_vit_to_vitlab(arrays: dict, model: nn.Module | None = None) -> tuple[dict, str]:
@@ -330,6 +352,32 @@ def npz_vit_to_vitlab(arrays: dict, model: nn.Module | None = None) -> tuple[dic
         for a, b in (("scale", "weight"), ("bias", "bias")):
             if f"{src}/{a}" in w:
                 sd[f"{dst}.{b}"] = take(f"{src}/{a}")
+
+    # big_vision's MAPHead: probe, MultiHeadDotProductAttention_0 (query; key+value -> kv), LayerNorm_0, MlpBlock_0
+    mp = "MAPHead_0/"
+    if f"{mp}probe" in w:
+        sd["attn_pool.latent"] = take(f"{mp}probe").reshape(1, -1, take(f"{mp}probe").shape[-1])
+        att = f"{mp}MultiHeadDotProductAttention_0/"
+        if f"{att}query/kernel" in w:
+            sd["attn_pool.q.weight"] = take(f"{att}query/kernel").flatten(1).t().contiguous()
+            sd["attn_pool.kv.weight"] = torch.cat([take(f"{att}{n}/kernel").flatten(1).t() for n in ("key", "value")],
+                                                  0).contiguous()
+        if f"{att}query/bias" in w:
+            sd["attn_pool.q.bias"] = take(f"{att}query/bias").reshape(-1)
+            sd["attn_pool.kv.bias"] = torch.cat([take(f"{att}{n}/bias").reshape(-1) for n in ("key", "value")], 0)
+        if f"{att}out/kernel" in w:
+            ok = take(f"{att}out/kernel")
+            sd["attn_pool.proj.weight"] = ok.reshape(-1, ok.shape[-1]).t().contiguous()
+        if f"{att}out/bias" in w:
+            sd["attn_pool.proj.bias"] = take(f"{att}out/bias")
+        for a, b in (("scale", "weight"), ("bias", "bias")):
+            if f"{mp}LayerNorm_0/{a}" in w:
+                sd[f"attn_pool.norm.{b}"] = take(f"{mp}LayerNorm_0/{a}")
+        for r, dst in ((0, "fc1"), (1, "fc2")):
+            if f"{mp}MlpBlock_0/Dense_{r}/kernel" in w:
+                sd[f"attn_pool.mlp.{dst}.weight"] = take(f"{mp}MlpBlock_0/Dense_{r}/kernel").t().contiguous()
+            if f"{mp}MlpBlock_0/Dense_{r}/bias" in w:
+                sd[f"attn_pool.mlp.{dst}.bias"] = take(f"{mp}MlpBlock_0/Dense_{r}/bias")
 
     # per-block parameters, from separate blocks or a stacked (scanned) set
     blocks: dict[int, dict[str, torch.Tensor]] = {}
@@ -445,7 +493,9 @@ def _mismatch_message(source, model, sd, own, missing, unexpected, mismatched) -
     if any(k.startswith("pre_logits.") for k in missing) and not any(k.startswith("pre_logits.") for k in sd):
         hints.append("the checkpoint has no pre-logits layer: build with head='linear'")
     if "fc_norm.weight" in unexpected:
-        hints.append("timm's fc_norm models normalise after pooling, which vitlab's ViT does not; they cannot load")
+        hints.append("the checkpoint normalises after pooling (timm's fc_norm): build with fc_norm=True")
+    if any(k.startswith("attn_pool.") for k in unexpected):
+        hints.append("the checkpoint pools with multi-head attention: build with global_pool='map'")
     if "cls_token" in missing or "cls_token" in unexpected:
         hints.append("class token present in one but not the other: set class_token/global_pool to match")
     odd_bias = [k for k in unexpected + missing if k.endswith("qkv.bias")
