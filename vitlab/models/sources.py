@@ -224,6 +224,7 @@ def _read_hf_folder(folder: Path, cfg: dict) -> Loaded:
             from None
     from .convert import from_transformers
 
+    transformers.utils.logging.disable_progress_bar()  # one weights file: a bar is only noise
     hf = getattr(transformers, arch).from_pretrained(str(folder))
     model = from_transformers(hf)
     pre = {}
