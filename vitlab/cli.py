@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "vitlab.studies.cli",     # pretrain, fewshot, study
     "vitlab.bench",           # bench
     "vitlab.accel.cli",       # env
+    "vitlab.models.publish_cli",  # push (and the hf/timm formats of export)
 )
 
 

@@ -203,7 +203,12 @@ def finetune(checkpoint: str | Path, dataset: str, img_size: int | None = None, 
     cfg = _matching_config(cfg, model)
     result = fit(cfg, model=model, bundle=bundle, verbose=verbose)
     if result.rank == 0:  # where the weights came from and their preprocessing (model cards read it)
+        import shlex
+        import sys
+
+        cli = Path(sys.argv[0]).name in ("vitlab", "__main__.py") and "finetune" in sys.argv
         record = {"source": str(checkpoint), "read": info.get("source"), "revision": revision,
+                  "command": shlex.join(["vitlab", *sys.argv[sys.argv.index("finetune"):]]) if cli else None,
                   "preprocessing": pre, "mean": list(bundle.mean), "std": list(bundle.std)}
         (Path(result.run_dir) / "source.json").write_text(json.dumps(record, indent=1))
     return result
