@@ -202,7 +202,7 @@ def finetune(checkpoint: str | Path, dataset: str, img_size: int | None = None, 
     # the run must be rebuildable from its config (checkpoints, resume, load_model)
     cfg = _matching_config(cfg, model)
     result = fit(cfg, model=model, bundle=bundle, verbose=verbose)
-    if result.rank == 0:  # where the weights came from and their preprocessing (model cards read it)
+    if getattr(result, "rank", None) == 0:  # where the weights came from and their preprocessing (model cards read it)
         import shlex
         import sys
 
