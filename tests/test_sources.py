@@ -336,3 +336,99 @@ def test_published_tag_brings_its_preprocessing_into_the_run(tmp_path, monkeypat
 def test_unknown_published_tag_suggests_the_close_one():
     with pytest.raises(CheckpointError, match="vit_b16.augreg_in21k"):
         sources.load_source("vit_b16.augreg_in21")
+
+
+def _hwio(g, *shape):
+    return (g.standard_normal(shape) * 0.2).astype(np.float32)
+
+
+def test_vit_jax_hybrid_npz_every_tensor_lands(tmp_path):
+    """vit_jax's R50+ViT names (conv_root, gn_root, block{i}/unit{j}/{conv,gn}{1,2,3}, conv_proj,
+    gn_proj; the transformer as in ViT) for the small stride-4 stem; each array is checked at the
+    vitlab parameter it must become."""
+    g = np.random.default_rng(3)
+    a = _flax_vit_npz(D=32, heads=4, depth=1, p=1, grid=8, K=5, map_head=False)
+    a["cls"] = _hwio(g, 1, 1, 32)
+    a["Transformer/posembed_input/pos_embedding"] = _hwio(g, 1, 65, 32)
+    del a["pos_embedding"]
+    for k in [k for k in a if "/MultiHeadDotProductAttention_0" in k or "LayerNorm_1" in k or "MlpBlock_0" in k]:
+        a[k.replace("MultiHeadDotProductAttention_0", "MultiHeadDotProductAttention_1")
+          .replace("LayerNorm_1", "LayerNorm_2").replace("MlpBlock_0", "MlpBlock_3")] = a.pop(k)
+    a["embedding/kernel"] = _hwio(g, 1, 1, 256, 32)  # 1x1 patches on the stem's 256-channel map
+    expect = {}  # npz name -> (vitlab name, torch layout)
+    a["conv_root/kernel"] = _hwio(g, 3, 3, 3, 32)
+    expect["conv_root/kernel"] = "stem.root.0.weight"
+    for leaf, dst in (("scale", "weight"), ("bias", "bias")):
+        a[f"gn_root/{leaf}"] = _hwio(g, 32)
+        expect[f"gn_root/{leaf}"] = f"stem.root.1.{dst}"
+    cin = 32
+    for b, (mid, out) in enumerate(((32, 128), (64, 256)), start=1):
+        u = f"block{b}/unit1/"
+        shapes = {"conv1": (1, 1, cin, mid), "conv2": (3, 3, mid, mid), "conv3": (1, 1, mid, out),
+                  "conv_proj": (1, 1, cin, out)}
+        for conv, shape in shapes.items():
+            a[u + conv + "/kernel"] = _hwio(g, *shape)
+            expect[u + conv + "/kernel"] = (f"stem.stages.{b - 1}.0." +
+                                           ("downsample.0.weight" if conv == "conv_proj" else f"{conv}.weight"))
+        for gn, c in (("gn1", mid), ("gn2", mid), ("gn3", out), ("gn_proj", out)):
+            for leaf, dst in (("scale", "weight"), ("bias", "bias")):
+                a[f"{u}{gn}/{leaf}"] = _hwio(g, c)
+                expect[f"{u}{gn}/{leaf}"] = (f"stem.stages.{b - 1}.0." +
+                                            (f"downsample.1.{dst}" if gn == "gn_proj" else f"norm{gn[-1]}.{dst}"))
+        cin = out
+    path = tmp_path / "r_vit.npz"
+    np.savez(path, **a)
+    model, info = sources.load_source(str(path))
+    assert model.stem is not None and info["config"]["model_kwargs"]["hybrid_stem"] == "rsmall_s4"
+    assert info["img_size"] == 32  # 8x8 tokens x stride 4
+    sd = model.state_dict()
+    for src, dst in expect.items():
+        t = torch.from_numpy(a[src])
+        want = t.permute(3, 2, 0, 1) if t.ndim == 4 else t
+        assert torch.equal(sd[dst], want), (src, dst)
+    assert len([k for k in sd if k.startswith("stem.")]) == len(expect)  # every stem tensor came from the file
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+def test_bit_resnet_npz_every_tensor_lands(tmp_path):
+    """big_transfer's names (resnet/root_block, block{i}/unit{jj}/{a,b,c}, a/proj, group_norm, head/conv2d)."""
+    g = np.random.default_rng(4)
+    a, expect = {}, {}
+    wf, K = 0.5, 6
+    root = int(64 * wf)
+    a["resnet/root_block/standardized_conv2d/kernel"] = _hwio(g, 7, 7, 3, root)
+    expect["resnet/root_block/standardized_conv2d/kernel"] = "stem.0.weight"
+    cin = root
+    for b in range(4):
+        mid, out = int(64 * wf * 2 ** b), int(256 * wf * 2 ** b)
+        u = f"resnet/block{b + 1}/unit01/"
+        for part, (shape, c) in {"a": ((1, 1, cin, mid), cin), "b": ((3, 3, mid, mid), mid),
+                                 "c": ((1, 1, mid, out), mid)}.items():
+            r = "abc".index(part) + 1
+            a[f"{u}{part}/standardized_conv2d/kernel"] = _hwio(g, *shape)
+            expect[f"{u}{part}/standardized_conv2d/kernel"] = f"stages.{b}.0.conv{r}.weight"
+            for leaf, dst in (("gamma", "weight"), ("beta", "bias")):
+                a[f"{u}{part}/group_norm/{leaf}"] = _hwio(g, c)  # pre-activation: the norm before the conv
+                expect[f"{u}{part}/group_norm/{leaf}"] = f"stages.{b}.0.norm{r}.{dst}"
+        a[f"{u}a/proj/standardized_conv2d/kernel"] = _hwio(g, 1, 1, cin, out)
+        expect[f"{u}a/proj/standardized_conv2d/kernel"] = f"stages.{b}.0.downsample.weight"
+        cin = out
+    for leaf, dst in (("gamma", "weight"), ("beta", "bias")):
+        a[f"resnet/group_norm/{leaf}"] = _hwio(g, cin)
+        expect[f"resnet/group_norm/{leaf}"] = f"norm.{dst}"
+    a["resnet/head/conv2d/kernel"] = _hwio(g, 1, 1, cin, K)
+    a["resnet/head/conv2d/bias"] = _hwio(g, K)
+    path = tmp_path / "bit.npz"
+    np.savez(path, **a)
+    model, info = sources.load_source(str(path))
+    assert info["num_classes"] == K and info["config"]["model_kwargs"]["layers"] == (1, 1, 1, 1)
+    sd = model.state_dict()
+    for src, dst in expect.items():
+        t = torch.from_numpy(a[src])
+        assert torch.equal(sd[dst], t.permute(3, 2, 0, 1) if t.ndim == 4 else t), (src, dst)
+    assert torch.equal(sd["head.weight"], torch.from_numpy(a["resnet/head/conv2d/kernel"])[0, 0].t())
+    assert torch.equal(sd["head.bias"], torch.from_numpy(a["resnet/head/conv2d/bias"]))
+    assert len(sd) == len(expect) + 2
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, K)

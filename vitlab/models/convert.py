@@ -273,6 +273,8 @@ def _is_array(v) -> bool:
 def to_vitlab_state_dict(raw: dict, model: nn.Module | None = None) -> tuple[dict, str]:
     """Convert a raw checkpoint mapping to vitlab names; returns (state_dict, layout name)."""
     keys = list(raw)
+    if any(k.endswith("root_block/standardized_conv2d/kernel") for k in keys):
+        return npz_bit_to_vitlab(raw), "npz (BiT ResNet)"
     if any(k.endswith("embedding/kernel") for k in keys):
         sd, fmt = npz_vit_to_vitlab(raw, model)
         return sd, fmt
@@ -379,6 +381,23 @@ def npz_vit_to_vitlab(arrays: dict, model: nn.Module | None = None) -> tuple[dic
             if f"{mp}MlpBlock_0/Dense_{r}/bias" in w:
                 sd[f"attn_pool.mlp.{dst}.bias"] = take(f"{mp}MlpBlock_0/Dense_{r}/bias")
 
+    # the hybrid's ResNet (vit_jax): conv_root, gn_root, block{i}/unit{j}/{conv,gn}{1,2,3}, conv_proj, gn_proj
+    for k in list(w):
+        if k.startswith(("conv_root/", "gn_root/")):
+            dst = "stem.root.0.weight" if k == "conv_root/kernel" else \
+                f"stem.root.1.{'weight' if k.endswith('scale') else 'bias'}"
+            sd[dst] = _flax_to_torch(take(k))
+            continue
+        m = re.match(r"block(\d+)/unit(\d+)/(conv|gn)(\d|_proj)/(kernel|scale|bias)$", k)
+        if m:
+            stage, unit, kind, idx, leaf = int(m.group(1)) - 1, int(m.group(2)) - 1, m.group(3), m.group(4), m.group(5)
+            base = f"stem.stages.{stage}.{unit}."
+            if idx == "_proj":
+                base += "downsample.0." if kind == "conv" else "downsample.1."
+            else:
+                base += f"conv{idx}." if kind == "conv" else f"norm{idx}."
+            sd[base + ("bias" if leaf == "bias" else "weight")] = _flax_to_torch(take(k))
+
     # per-block parameters, from separate blocks or a stacked (scanned) set
     blocks: dict[int, dict[str, torch.Tensor]] = {}
     for k in list(w):
@@ -421,6 +440,43 @@ def npz_vit_to_vitlab(arrays: dict, model: nn.Module | None = None) -> tuple[dic
     for k, v in unknown.items():
         sd[k] = torch.from_numpy(np.ascontiguousarray(v))
     return sd, "npz (big_vision)" if big_vision else "npz (vit_jax)"
+
+
+def _flax_to_torch(t: torch.Tensor) -> torch.Tensor:
+    """A Flax conv kernel (H, W, in, out) as torch's (out, in, H, W); norm parameters flattened."""
+    return t.permute(3, 2, 0, 1).contiguous() if t.ndim == 4 else t.reshape(-1)
+
+
+def npz_bit_to_vitlab(arrays: dict) -> dict:
+    """Google's BiT ResNet .npz (big_transfer names under 'resnet/': root_block, block{i}/unit{jj}/
+    {a,b,c}/{standardized_conv2d,group_norm}, a/proj, group_norm, head/conv2d) in the names of
+    vitlab's pre-activation ResNetV2. Unknown arrays are passed through to be reported."""
+    sd: dict[str, torch.Tensor] = {}
+    for k, v in arrays.items():
+        t = torch.from_numpy(np.ascontiguousarray(v)).float()
+        rest = k.split("resnet/", 1)[1] if "resnet/" in k else k
+        m = re.match(r"block(\d+)/unit(\d+)/([abc])/(proj/)?(standardized_conv2d/kernel|group_norm/(gamma|beta))$",
+                     rest)
+        if rest == "root_block/standardized_conv2d/kernel":
+            sd["stem.0.weight"] = _flax_to_torch(t)
+        elif rest in ("group_norm/gamma", "group_norm/beta"):
+            sd["norm." + ("weight" if rest.endswith("gamma") else "bias")] = t.reshape(-1)
+        elif rest == "head/conv2d/kernel":
+            sd["head.weight"] = t.reshape(-1, t.shape[-1]).t().contiguous()  # (1, 1, C, K) -> (K, C)
+        elif rest == "head/conv2d/bias":
+            sd["head.bias"] = t.reshape(-1)
+        elif m:
+            base = f"stages.{int(m.group(1)) - 1}.{int(m.group(2)) - 1}."
+            r = "abc".index(m.group(3)) + 1
+            if m.group(4):
+                sd[base + "downsample.weight"] = _flax_to_torch(t)
+            elif m.group(5).startswith("standardized"):
+                sd[base + f"conv{r}.weight"] = _flax_to_torch(t)
+            else:
+                sd[base + f"norm{r}." + ("weight" if m.group(6) == "gamma" else "bias")] = t.reshape(-1)
+        else:
+            sd[k] = t
+    return sd
 
 
 # ============================================================================ checked loading

@@ -275,6 +275,10 @@ def _from_tensors(raw: dict, path: Path, description: str, model_name: str | Non
 
     sd, fmt = to_vitlab_state_dict(raw)
     spec = get_spec(model_name) if model_name else None
+    if "stem.root.0.weight" in sd and "patch_embed.proj.weight" in sd:
+        return _hybrid(sd, fmt, path, description, heads, preprocessing)
+    if fmt == "npz (BiT ResNet)" and spec is None:
+        return _bit(sd, fmt, path, description, preprocessing)
     if "patch_embed.proj.weight" in sd and (spec is None or spec.family == "vit"):
         heads = heads or (spec.config.get("num_heads") if spec else None) or (name_kwargs or {}).get("num_heads")
         if heads is None:
@@ -297,6 +301,53 @@ def _from_tensors(raw: dict, path: Path, description: str, model_name: str | Non
                   int(head.shape[0]) if head is not None else 0,
                   (name_kwargs or {}).get("img_size") or spec.default_img_size,
                   int(first.shape[1]) if first is not None else 3, dict(preprocessing or {}))
+
+
+def _stage_layers(sd: dict, prefix: str) -> tuple[int, ...]:
+    units: dict[int, set] = {}
+    for k in sd:
+        m = re.match(re.escape(prefix) + r"(\d+)\.(\d+)\.", k)
+        if m:
+            units.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    return tuple(len(units[i]) for i in sorted(units))
+
+
+def _hybrid(sd, fmt, path, description, heads, preprocessing) -> Loaded:
+    """ResNet stem + ViT (vit_jax R50+ViT): the stem is one of vitlab's named hybrid stems."""
+    from .resnet import HYBRID_STEMS
+
+    layers = _stage_layers(sd, "stem.stages.")
+    width, in_chans, k = (int(s) for s in sd["stem.root.0.weight"].shape[:3])
+    stem = next((n for n, c in HYBRID_STEMS.items() if tuple(c["layers"]) == layers and c["width"] == width
+                 and (c["root"] == "same") == (k == 7)), None)
+    if stem is None:
+        raise CheckpointError(f"{path}: the hybrid's ResNet (stages {layers}, width {width}, {k}x{k} root) is none "
+                              f"of vitlab's hybrid stems ({', '.join(HYBRID_STEMS)})")
+    if heads is None:
+        raise ConfigError(f"cannot tell the number of attention heads of {path}; pass --model NAME")
+    vit_sd = {k: v for k, v in sd.items() if not k.startswith("stem.")}
+    kw = vit_kwargs_from_state_dict(vit_sd, heads)
+    num_classes, img = kw.pop("num_classes"), kw.pop("img_size")
+    kw.pop("in_chans")
+    cfg = HYBRID_STEMS[stem]
+    stride = (4 if cfg["root"] == "same" else 1) * cfg["first_stride"] * 2 ** (len(cfg["layers"]) - 1)
+    grid = img // kw["patch_size"] if img else None
+    img_px = grid * kw["patch_size"] * stride if grid else 224
+    name, mk = registry_variant("hybrid", dict(kw, hybrid_stem=stem))
+    return Loaded(sd, f"{description} ({fmt} layout, hybrid {stem})", str(path), name, mk, num_classes, img_px,
+                  in_chans, dict(preprocessing or {}))
+
+
+def _bit(sd, fmt, path, description, preprocessing) -> Loaded:
+    layers = _stage_layers(sd, "stages.")
+    width = int(sd["stem.0.weight"].shape[0])
+    kw = dict(layers=layers, width_factor=width / 64 if width % 64 else width // 64, block="bottleneck",
+              stem="fixed")
+    name, mk = registry_variant("resnet", kw)
+    head = sd.get("head.weight")
+    return Loaded(sd, f"{description} ({fmt} layout)", str(path), name, mk,
+                  int(head.shape[0]) if head is not None else 0, 224, int(sd["stem.0.weight"].shape[1]),
+                  dict(preprocessing or {}))
 
 
 def read_source(source: str, model_name: str | None = None, revision: str | None = None) -> Loaded:
@@ -324,7 +375,7 @@ def read_source(source: str, model_name: str | None = None, revision: str | None
             hint = did_you_mean(source, list(pub)) if "." in source else ""
             raise CheckpointError(f"weights {source!r} not found: not a file or folder, not a Hub id "
                                   f"(hf-hub:ORG/NAME, timm/NAME.TAG) and not a published tag.{hint} "
-                                  f"See `vitlab models --weights` for the tags")
+                                  f"Published tags: {', '.join(pub)}")
     if path.is_dir():
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
