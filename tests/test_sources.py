@@ -116,7 +116,7 @@ def test_init_from_bad_sources_fail_with_one_clear_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- finetune SOURCE
-def test_finetune_from_an_offline_hub_cache(tmp_path):
+def test_finetune_from_an_offline_hub_cache(tmp_path, monkeypatch):
     cache = hub_cache(tmp_path / "hub", "org/tiny-vit", hf_folder(tmp_path / "hf"))
     env = dict(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     r = run_cli(["finetune", "hf-hub:org/tiny-vit", "--dataset", "digits", "--epochs", "1", "--out",
@@ -125,6 +125,13 @@ def test_finetune_from_an_offline_hub_cache(tmp_path):
     assert "fine-tuned" in r.stdout
     src = json.loads((tmp_path / "runs" / "ft" / "source.json").read_text())
     assert src["source"] == "hf-hub:org/tiny-vit" and "Hugging Face ViTForImageClassification" in src["read"]
+    # a pinned revision is looked up in the cache too
+    commit = "0" * 39 + "1"
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert sources.hub_download("org/tiny-vit", commit).name == commit
+    with pytest.raises(CheckpointError, match="at revision v9 is not in the local Hugging Face cache"):
+        sources.hub_download("org/tiny-vit", "v9")
     # not in the cache, offline: one line saying so and where the cache is
     r = run_cli(["finetune", "hf-hub:org/absent", "--dataset", "digits"], tmp_path, **env)
     assert r.returncode == 2
@@ -321,6 +328,11 @@ def test_published_tag_brings_its_preprocessing_into_the_run(tmp_path, monkeypat
     assert info["mean"] == pytest.approx((0.11, 0.22, 0.33)) and info["std"] == pytest.approx((0.44, 0.55, 0.66))
     rec = json.loads((Path(run.run_dir) / "source.json").read_text())
     assert rec["preprocessing"]["weights"] == "vit_nano_p2.test" and rec["preprocessing"]["crop_pct"] == 0.9
+    # the same repo by its timm Hub id: every tensor of the timm layout lands (pre_logits.fc -> pre_logits.0)
+    direct, _ = sources.load_source("timm/vit_nano_p2.test", model_name="vit_nano_p2")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(direct.eval()(x), ref.eval()(x))
     # eval normalises with the recorded statistics: its loss equals one computed by hand with them
     model, _ = vitlab.train.load_model(run.run_dir)
     res = vitlab.evaluate(run.run_dir, plot=False)

@@ -86,7 +86,8 @@ def hub_download(repo_id: str, revision: str | None = None, filename: str | None
         if offline:
             raise CheckpointError(f"{where} is not in the local Hugging Face cache {cache} and HF_HUB_OFFLINE=1 "
                                   f"forbids downloading it; download it where there is network "
-                                  f"(hf download {repo_id}) into that cache, or unset HF_HUB_OFFLINE") from None
+                                  f"(hf download {repo_id}{' --revision ' + revision if revision else ''}) into that cache, "
+                                  f"or unset HF_HUB_OFFLINE") from None
         raise CheckpointError(f"cannot download {where} (no network?) and it is not in the local Hugging Face "
                               f"cache {cache}; connect, or download it into that cache elsewhere") from None
     except hub_errors.RevisionNotFoundError:
