@@ -391,7 +391,8 @@ def test_vit_jax_hybrid_npz_every_tensor_lands(tmp_path):
     path = tmp_path / "r_vit.npz"
     np.savez(path, **a)
     model, info = sources.load_source(str(path))
-    assert model.stem is not None and info["config"]["model_kwargs"]["hybrid_stem"] == "rsmall_s4"
+    spec = vitlab.models.get_spec(info["config"]["model"])
+    assert model.stem is not None and {**spec.config, **info["config"]["model_kwargs"]}["hybrid_stem"] == "rsmall_s4"
     assert info["img_size"] == 32  # 8x8 tokens x stride 4
     sd = model.state_dict()
     for src, dst in expect.items():
@@ -434,7 +435,8 @@ def test_bit_resnet_npz_every_tensor_lands(tmp_path):
     path = tmp_path / "bit.npz"
     np.savez(path, **a)
     model, info = sources.load_source(str(path))
-    assert info["num_classes"] == K and info["config"]["model_kwargs"]["layers"] == (1, 1, 1, 1)
+    spec = vitlab.models.get_spec(info["config"]["model"])
+    assert info["num_classes"] == K and {**spec.config, **info["config"]["model_kwargs"]}["layers"] == (1, 1, 1, 1)
     sd = model.state_dict()
     for src, dst in expect.items():
         t = torch.from_numpy(a[src])

@@ -178,12 +178,13 @@ def registry_variant(family: str, kwargs: dict) -> tuple[str, dict]:
     from .registry import get_spec, list_models
 
     names = list_models(family)
-    for name in names:
-        cfg = get_spec(name).config
-        if all(kwargs.get(k) == v for k, v in cfg.items() if k in kwargs) and all(k in kwargs for k in cfg):
-            return name, {k: v for k, v in kwargs.items() if k not in cfg or cfg[k] != v}
-    name = "vit_b16" if family == "vit" else names[0]
-    return name, dict(kwargs)
+    # the variant agreeing on the most defining fields (exact when all agree); the rest are overrides
+    def agree(name):
+        return sum(kwargs.get(k) == v for k, v in get_spec(name).config.items())
+
+    name = max(names, key=agree)
+    cfg = get_spec(name).config
+    return name, {k: v for k, v in kwargs.items() if k not in cfg or cfg[k] != v}
 
 
 # ============================================================================ reading a source

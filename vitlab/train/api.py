@@ -197,7 +197,15 @@ def finetune(checkpoint: str | Path, dataset: str, img_size: int | None = None, 
     new_size = resolve_img_size(cfg, bundle)  # default: the new data's own size
     cfg = dataclasses.replace(cfg, img_size=new_size, num_classes=int(bundle.num_classes),
                               in_chans=int(bundle.in_chans))
+    grid_before = getattr(model, "grid_size", None)
     _adapt_model(model, bundle.num_classes, new_size, info)
+    if verbose:  # what was loaded, re-initialised and resampled
+        grid = getattr(model, "grid_size", None)
+        moved = (f"; position embeddings resampled {grid_before[0]}x{grid_before[1]} -> {grid[0]}x{grid[1]}"
+                 if grid_before is not None and tuple(grid_before) != tuple(grid)
+                 and getattr(model, "pos_embed", None) is not None else "")
+        print(f"finetune: loaded {info.get('source') or info['checkpoint']}; new zero-initialised head for "
+              f"{bundle.num_classes} classes{moved}")
     model.train()
     # the run must be rebuildable from its config (checkpoints, resume, load_model)
     cfg = _matching_config(cfg, model)
