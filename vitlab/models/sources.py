@@ -378,6 +378,8 @@ def read_source(source: str, model_name: str | None = None, revision: str | None
             raise CheckpointError(f"weights {source!r} not found: not a file or folder, not a Hub id "
                                   f"(hf-hub:ORG/NAME, timm/NAME.TAG) and not a published tag.{hint} "
                                   f"Published tags: {', '.join(pub)}")
+    if path.is_file() and path.suffix in (".safetensors", ".bin") and (path.parent / "config.json").is_file():
+        path = path.parent  # a Hugging Face / timm weights file: its config.json beside it says the architecture
     if path.is_dir():
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
