@@ -97,9 +97,11 @@ def test_train_init_from_changes_the_starting_weights_and_logs_it(tmp_path, caps
     for k in ("patch_embed.proj.weight", "blocks.1.attn.qkv.weight", "norm.bias", "pos_embed"):
         assert (got[k] - ref[k]).abs().max() < 1e-6, k
     assert got["head.weight"].shape[0] == 10
-    out = capsys.readouterr().out + capsys.readouterr().err
-    log = (Path(run.run_dir) / "log.txt").read_text() if (Path(run.run_dir) / "log.txt").exists() else out
-    assert "init_from: loaded" in log
+    out = capsys.readouterr().out
+    # every tensor but the two of the head came from the source
+    assert f"init_from: loaded {len(got) - 2} tensors from Hugging Face ViTForImageClassification" in out
+    assert "position embeddings resampled 4x4 -> 4x4" not in out  # same grid: nothing resampled, nothing said
+    assert "re-initialised head.weight, head.bias" in out
 
 
 def test_init_from_bad_sources_fail_with_one_clear_error(tmp_path):
