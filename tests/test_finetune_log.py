@@ -30,9 +30,10 @@ def test_new_resolution_logs_the_resampled_position_embeddings(digits_run, tmp_p
     log = (res.run_dir / "train.log").read_text()
     assert line in log
     assert line in capsys.readouterr().out
-    # said once, right after the run's first line
+    # said once, among the notes right after the run's first line (after what was loaded)
     lines = log.splitlines()
-    assert lines[0].split(" ", 1)[1].startswith("run ") and line in lines[1]
+    assert lines[0].split(" ", 1)[1].startswith("run ") and "finetune: loaded" in lines[1] and line in lines[2]
+    assert log.count(line) == 1
 
 
 def test_same_resolution_logs_nothing_about_resampling(digits_run, tmp_path):

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "vitlab.bench_cli",       # bench (vitlab/bench.py imports torch; its options live apart)
     "vitlab.env_cli",         # env (what vitlab.accel found on this machine)
     "vitlab.deploy.cli",      # export (predict's options are in vitlab.train.cli)
+    "vitlab.models.publish_cli",  # push (and the hf/timm formats of export)
 )
 
 

@@ -7,7 +7,7 @@ import csv
 import json
 import sys
 
-from .options import DTYPES, EXPORTERS, FORMATS, PREDICT_FORMATS  # noqa: F401
+from .options import DTYPES, EXPORTERS, FORMATS, PREDICT_FORMATS, PUBLISH_FORMATS  # noqa: F401
 
 
 def register(sub) -> None:
@@ -19,8 +19,10 @@ def register(sub) -> None:
                     "check.json beside the file, with preprocess.json (size, channels, mean/std, class names).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("checkpoint", metavar="RUN", help="run directory or .safetensors checkpoint")
-    e.add_argument("--format", default="onnx", choices=FORMATS,
-                   help="onnx (model.onnx), torchscript (model.pt) or exported-program (torch.export, model.pt2)")
+    e.add_argument("--format", default="onnx", choices=FORMATS + PUBLISH_FORMATS,
+                   help="onnx (model.onnx), torchscript (model.pt), exported-program (torch.export, model.pt2), "
+                        "hf (a transformers folder: ViTForImageClassification / CvtForImageClassification) or "
+                        "timm (timm's key layout + config.json); hf and timm come with a model card README.md")
     e.add_argument("--dtype", default="fp32", choices=DTYPES,
                    help="int8: also write model.int8.onnx (ONNX Runtime dynamic quantisation) and report its "
                         "accuracy change on the validation images")
@@ -55,6 +57,16 @@ def _mb(n: int) -> str:
 
 
 def run_export(args) -> int:
+    if args.format in PUBLISH_FORMATS:
+        from pathlib import Path
+
+        from ..models.publish_cli import export_formats
+
+        out = Path(args.out) if args.out else Path(args.checkpoint) / f"export-{args.format}"
+        # the model card names the command that made the weights (the run's source.json), not this one
+        written = export_formats()[args.format](args.checkpoint, out)
+        print(f"exported {args.checkpoint} in {args.format} format to {written} (weights, config.json, README.md)")
+        return 0
     from .export import export
 
     r = export(args.checkpoint, args.format, args.out, dtype=args.dtype, batch=args.batch, img_size=args.img_size,

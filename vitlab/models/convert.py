@@ -273,15 +273,39 @@ def _is_array(v) -> bool:
 def to_vitlab_state_dict(raw: dict, model: nn.Module | None = None) -> tuple[dict, str]:
     """Convert a raw checkpoint mapping to vitlab names; returns (state_dict, layout name)."""
     keys = list(raw)
+    if any(k.endswith("root_block/standardized_conv2d/kernel") for k in keys):
+        return npz_bit_to_vitlab(raw), "npz (BiT ResNet)"
     if any(k.endswith("embedding/kernel") for k in keys):
         sd, fmt = npz_vit_to_vitlab(raw, model)
         return sd, fmt
     sd = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in raw.items()}
     if any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings.")) for k in keys):
         return hf_vit_to_vitlab(sd, strip="vit." if any(k.startswith("vit.") for k in keys) else ""), "Hugging Face"
+    if any(re.match(r"blocks\.\d+\.0\.fn\.0\.weight$", k) for k in keys) and "stem.0.weight" in keys:
+        return timm_convmixer_to_vitlab(sd), "timm ConvMixer"
     if any(k.startswith("pre_logits.fc.") for k in keys) or "fc_norm.weight" in keys:
         return {re.sub(r"^pre_logits\.fc\.", "pre_logits.0.", k): v for k, v in sd.items()}, "timm"
     return sd, "vitlab/timm"
+
+
+# timm's ConvMixer is nn.Sequential-built: stem = (conv, act, BN); block = (Residual(fn=(dw conv, act,
+# BN)), 1x1 conv, act, BN). The indices name the layers; activations hold no tensors.
+_TIMM_CONVMIXER = ((r"^stem\.0\.", "patch_embed."), (r"^stem\.2\.", "patch_norm."),
+                   (r"^blocks\.(\d+)\.0\.fn\.0\.", r"blocks.\1.dw."), (r"^blocks\.(\d+)\.0\.fn\.2\.", r"blocks.\1.dw_norm."),
+                   (r"^blocks\.(\d+)\.1\.", r"blocks.\1.pw."), (r"^blocks\.(\d+)\.3\.", r"blocks.\1.pw_norm."))
+
+
+def timm_convmixer_to_vitlab(sd: dict) -> dict:
+    """timm's ConvMixer state dict (the paper authors' nn.Sequential layout) in vitlab names."""
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in _TIMM_CONVMIXER:
+            new, n = re.subn(pat, rep, k)
+            if n:
+                k = new
+                break
+        out[k] = v
+    return out
 
 
 def npz_vit_to_vitlab(arrays: dict, model: nn.Module | None = None) -> tuple[dict, str]:
@@ -331,6 +355,49 @@ def npz_vit_to_vitlab(arrays: dict, model: nn.Module | None = None) -> tuple[dic
             if f"{src}/{a}" in w:
                 sd[f"{dst}.{b}"] = take(f"{src}/{a}")
 
+    # big_vision's MAPHead: probe, MultiHeadDotProductAttention_0 (query; key+value -> kv), LayerNorm_0, MlpBlock_0
+    mp = "MAPHead_0/"
+    if f"{mp}probe" in w:
+        sd["attn_pool.latent"] = take(f"{mp}probe").reshape(1, -1, take(f"{mp}probe").shape[-1])
+        att = f"{mp}MultiHeadDotProductAttention_0/"
+        if f"{att}query/kernel" in w:
+            sd["attn_pool.q.weight"] = take(f"{att}query/kernel").flatten(1).t().contiguous()
+            sd["attn_pool.kv.weight"] = torch.cat([take(f"{att}{n}/kernel").flatten(1).t() for n in ("key", "value")],
+                                                  0).contiguous()
+        if f"{att}query/bias" in w:
+            sd["attn_pool.q.bias"] = take(f"{att}query/bias").reshape(-1)
+            sd["attn_pool.kv.bias"] = torch.cat([take(f"{att}{n}/bias").reshape(-1) for n in ("key", "value")], 0)
+        if f"{att}out/kernel" in w:
+            ok = take(f"{att}out/kernel")
+            sd["attn_pool.proj.weight"] = ok.reshape(-1, ok.shape[-1]).t().contiguous()
+        if f"{att}out/bias" in w:
+            sd["attn_pool.proj.bias"] = take(f"{att}out/bias")
+        for a, b in (("scale", "weight"), ("bias", "bias")):
+            if f"{mp}LayerNorm_0/{a}" in w:
+                sd[f"attn_pool.norm.{b}"] = take(f"{mp}LayerNorm_0/{a}")
+        for r, dst in ((0, "fc1"), (1, "fc2")):
+            if f"{mp}MlpBlock_0/Dense_{r}/kernel" in w:
+                sd[f"attn_pool.mlp.{dst}.weight"] = take(f"{mp}MlpBlock_0/Dense_{r}/kernel").t().contiguous()
+            if f"{mp}MlpBlock_0/Dense_{r}/bias" in w:
+                sd[f"attn_pool.mlp.{dst}.bias"] = take(f"{mp}MlpBlock_0/Dense_{r}/bias")
+
+    # the hybrid's ResNet (vit_jax): conv_root, gn_root, block{i}/unit{j}/{conv,gn}{1,2,3}, conv_proj, gn_proj
+    for k in list(w):
+        if k.startswith(("conv_root/", "gn_root/")):
+            dst = "stem.root.0.weight" if k == "conv_root/kernel" else \
+                f"stem.root.1.{'weight' if k.endswith('scale') else 'bias'}"
+            sd[dst] = _flax_to_torch(take(k))
+            continue
+        m = re.match(r"block(\d+)/unit(\d+)/(conv|gn)(\d|_proj)/(kernel|scale|bias)$", k)
+        if m:
+            stage, unit, kind, idx, leaf = int(m.group(1)) - 1, int(m.group(2)) - 1, m.group(3), m.group(4), m.group(5)
+            base = f"stem.stages.{stage}.{unit}."
+            if idx == "_proj":
+                base += "downsample.0." if kind == "conv" else "downsample.1."
+            else:
+                base += f"conv{idx}." if kind == "conv" else f"norm{idx}."
+            sd[base + ("bias" if leaf == "bias" else "weight")] = _flax_to_torch(take(k))
+
     # per-block parameters, from separate blocks or a stacked (scanned) set
     blocks: dict[int, dict[str, torch.Tensor]] = {}
     for k in list(w):
@@ -373,6 +440,43 @@ def npz_vit_to_vitlab(arrays: dict, model: nn.Module | None = None) -> tuple[dic
     for k, v in unknown.items():
         sd[k] = torch.from_numpy(np.ascontiguousarray(v))
     return sd, "npz (big_vision)" if big_vision else "npz (vit_jax)"
+
+
+def _flax_to_torch(t: torch.Tensor) -> torch.Tensor:
+    """A Flax conv kernel (H, W, in, out) as torch's (out, in, H, W); norm parameters flattened."""
+    return t.permute(3, 2, 0, 1).contiguous() if t.ndim == 4 else t.reshape(-1)
+
+
+def npz_bit_to_vitlab(arrays: dict) -> dict:
+    """Google's BiT ResNet .npz (big_transfer names under 'resnet/': root_block, block{i}/unit{jj}/
+    {a,b,c}/{standardized_conv2d,group_norm}, a/proj, group_norm, head/conv2d) in the names of
+    vitlab's pre-activation ResNetV2. Unknown arrays are passed through to be reported."""
+    sd: dict[str, torch.Tensor] = {}
+    for k, v in arrays.items():
+        t = torch.from_numpy(np.ascontiguousarray(v)).float()
+        rest = k.split("resnet/", 1)[1] if "resnet/" in k else k
+        m = re.match(r"block(\d+)/unit(\d+)/([abc])/(proj/)?(standardized_conv2d/kernel|group_norm/(gamma|beta))$",
+                     rest)
+        if rest == "root_block/standardized_conv2d/kernel":
+            sd["stem.0.weight"] = _flax_to_torch(t)
+        elif rest in ("group_norm/gamma", "group_norm/beta"):
+            sd["norm." + ("weight" if rest.endswith("gamma") else "bias")] = t.reshape(-1)
+        elif rest == "head/conv2d/kernel":
+            sd["head.weight"] = t.reshape(-1, t.shape[-1]).t().contiguous()  # (1, 1, C, K) -> (K, C)
+        elif rest == "head/conv2d/bias":
+            sd["head.bias"] = t.reshape(-1)
+        elif m:
+            base = f"stages.{int(m.group(1)) - 1}.{int(m.group(2)) - 1}."
+            r = "abc".index(m.group(3)) + 1
+            if m.group(4):
+                sd[base + "downsample.weight"] = _flax_to_torch(t)
+            elif m.group(5).startswith("standardized"):
+                sd[base + f"conv{r}.weight"] = _flax_to_torch(t)
+            else:
+                sd[base + f"norm{r}." + ("weight" if m.group(6) == "gamma" else "bias")] = t.reshape(-1)
+        else:
+            sd[k] = t
+    return sd
 
 
 # ============================================================================ checked loading
@@ -445,7 +549,9 @@ def _mismatch_message(source, model, sd, own, missing, unexpected, mismatched) -
     if any(k.startswith("pre_logits.") for k in missing) and not any(k.startswith("pre_logits.") for k in sd):
         hints.append("the checkpoint has no pre-logits layer: build with head='linear'")
     if "fc_norm.weight" in unexpected:
-        hints.append("timm's fc_norm models normalise after pooling, which vitlab's ViT does not; they cannot load")
+        hints.append("the checkpoint normalises after pooling (timm's fc_norm): build with fc_norm=True")
+    if any(k.startswith("attn_pool.") for k in unexpected):
+        hints.append("the checkpoint pools with multi-head attention: build with global_pool='map'")
     if "cls_token" in missing or "cls_token" in unexpected:
         hints.append("class token present in one but not the other: set class_token/global_pool to match")
     odd_bias = [k for k in unexpected + missing if k.endswith("qkv.bias")

@@ -250,6 +250,36 @@ class Mlp(nn.Module):
         return out if residual is None else residual + out
 
 
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling (big_vision's MAPHead, timm's AttentionPoolLatent): a
+    learned probe query attends over all tokens, then a residual MLP on its layer-normed
+    output; returns one vector per image (B, D). Names follow timm: latent, q, kv, proj,
+    norm, mlp.fc1/fc2."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 norm_eps: float = 1e-6):
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(f"width {dim} is not divisible by num_heads={num_heads} (attention pooling)")
+        self.num_heads = num_heads
+        self.latent = nn.Parameter(torch.randn(1, 1, dim) * dim ** -0.5)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        h = self.num_heads
+        q = self.q(self.latent).expand(B, -1, -1).reshape(B, -1, h, D // h).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, N, 2, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)
+        out, _ = attention(q, k, v)
+        out = self.proj(out.transpose(1, 2).reshape(B, -1, D))
+        out = out + self.mlp(self.norm(out))
+        return out[:, 0]
+
+
 class Block(nn.Module):
     """Pre-norm transformer encoder block (ViT eq. 2-3): x + MSA(LN(x)); x + MLP(LN(x))."""
 

@@ -147,3 +147,61 @@ def create_model(name: str, num_classes: int = 1000, img_size: int | tuple[int, 
     model.variant_name = spec.name  # recorded in checkpoints, reports and benchmarks
     model.variant_config = {k: v for k, v in cfg.items()}
     return model
+
+
+# ----------------------------------------------------------------------------- published weights
+# Weights others published, as data: a tag `<vitlab variant>.<origin>` names the Hub repository
+# and file, the layout, and the preprocessing the weights were trained with. That preprocessing
+# follows the weights into fine-tuning (recorded with the run, used by eval and predict).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class PublishedWeights:
+    tag: str
+    model: str                    # vitlab variant the weights fit
+    repo_id: str                  # Hugging Face Hub repository
+    filename: str                 # file in it (config.json beside it describes the layout)
+    layout: str                   # 'timm' or 'hf'
+    num_classes: int              # classifier size (0: backbone only)
+    input_size: int
+    mean: tuple[float, ...] = HALF
+    std: tuple[float, ...] = HALF
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.9
+    description: str = ""
+
+    def preprocessing(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
+                "crop_pct": self.crop_pct, "input_size": self.input_size, "num_classes": self.num_classes,
+                "weights": self.tag}
+
+
+def _augreg(variant: str, timm_name: str, tag: str, classes: int, size: int = 224, crop: float = 0.9):
+    return PublishedWeights(f"{variant}.{tag}", variant, f"timm/{timm_name}.{tag}", "model.safetensors", "timm",
+                            classes, size, crop_pct=crop,
+                            description=f"AugReg ({'ImageNet-21k' if classes == 21843 else 'ImageNet-1k'}), timm")
+
+
+PUBLISHED: dict[str, PublishedWeights] = {w.tag: w for w in (
+    _augreg("vit_ti16", "vit_tiny_patch16_224", "augreg_in21k", 21843),
+    _augreg("vit_s16", "vit_small_patch16_224", "augreg_in21k", 21843),
+    _augreg("vit_s32", "vit_small_patch32_224", "augreg_in21k", 21843),
+    _augreg("vit_b16", "vit_base_patch16_224", "augreg_in21k", 21843),
+    _augreg("vit_b32", "vit_base_patch32_224", "augreg_in21k", 21843),
+    _augreg("vit_l16", "vit_large_patch16_224", "augreg_in21k", 21843),
+    _augreg("vit_b16", "vit_base_patch16_224", "augreg2_in21k_ft_in1k", 1000),
+    _augreg("vit_s16", "vit_small_patch16_224", "augreg_in21k_ft_in1k", 1000),
+    PublishedWeights("vit_b16.google_in21k", "vit_b16", "google/vit-base-patch16-224-in21k", "model.safetensors",
+                     "hf", 0, 224, interpolation="bilinear", crop_pct=1.0,
+                     description="the ViT paper's ImageNet-21k ViT-B/16 (Hugging Face ViTModel with pooler)"),
+    PublishedWeights("vit_b16.google_in21k_ft_in1k", "vit_b16", "google/vit-base-patch16-224", "model.safetensors",
+                     "hf", 1000, 224, interpolation="bilinear", crop_pct=1.0,
+                     description="the ViT paper's ViT-B/16, ImageNet-21k then ImageNet-1k"),
+    PublishedWeights("cvt_13.microsoft_in1k", "cvt_13", "microsoft/cvt-13", "model.safetensors", "hf", 1000, 224,
+                     IMAGENET_MEAN, IMAGENET_STD, "bicubic", 0.875, description="CvT-13, ImageNet-1k"),
+    PublishedWeights("convmixer_768_32.in1k", "convmixer_768_32", "timm/convmixer_768_32.in1k", "model.safetensors",
+                     "timm", 1000, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 0.96,
+                     description="ConvMixer-768/32, ImageNet-1k, timm"),
+)}

@@ -19,11 +19,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import CheckpointError, ConfigError, check_choice
-from .layers import (POS_EMBED_KINDS, Block, PatchEmbed, RelativePositionBias, check_input, resample_1d,
+from .layers import (POS_EMBED_KINDS, AttentionPool, Block, PatchEmbed, RelativePositionBias, check_input, resample_1d,
                      resample_abs_pos_embed, sincos_1d, sincos_2d, to_2tuple)
 from .registry import register_family
 
-GLOBAL_POOLS = ("token", "avg")
+GLOBAL_POOLS = ("token", "avg", "map")
 HEADS = ("linear", "mlp_tanh")
 
 
@@ -52,15 +52,19 @@ class VisionTransformer(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
+        fc_norm: bool = False,
         dynamic_img_size: bool = False,
         hybrid_stem: str | None = None,
         grad_checkpointing: bool = False,
     ):
         """
         Args:
-            global_pool: 'token' (classify from the class token) or 'avg' (global average
-                pooling of the patch tokens, the paper's GAP).
-            class_token: prepend a learned class token; default True for 'token', False for 'avg'.
+            global_pool: 'token' (classify from the class token), 'avg' (global average
+                pooling of the patch tokens, the paper's GAP) or 'map' (multi-head attention
+                pooling: a learned probe attends over the tokens, big_vision's MAPHead).
+            class_token: prepend a learned class token; default True for 'token', False otherwise.
+            fc_norm: layer-normalise after pooling instead of normalising the tokens (timm's
+                layout of MAE/BEiT-style GAP models: no final `norm`, an `fc_norm` on the pooled vector).
             pos_embed: 'none', 'learned' (1D), 'learned_2d' (row and column tables of D/2,
                 concatenated), 'sincos_1d', 'sincos_2d' (fixed), 'relative' (learned bias in attention).
             head: 'linear', or 'mlp_tanh' (the paper's pre-training head: one hidden layer of
@@ -145,7 +149,11 @@ class VisionTransformer(nn.Module):
         ])
         self.rel_pos = nn.ModuleList([RelativePositionBias(self.grid_size, num_heads, self.num_prefix_tokens)
                                       for _ in range(depth)]) if pos_embed == "relative" else None
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        # fc_norm: the final norm moves after pooling (timm's layout for its GAP checkpoints)
+        self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.attn_pool = (AttentionPool(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps)
+                          if global_pool == "map" else None)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if fc_norm else None
         self.head_kind = head
         self.representation_size = representation_size or embed_dim
         self.head_drop = nn.Dropout(drop_rate)
@@ -192,7 +200,7 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters excluded from weight decay (besides norms and biases)."""
         return {n for n, _ in self.named_parameters()
-                if n.startswith(("pos_embed", "cls_token", "cls_pos")) or ".table" in n or ".prefix" in n}
+                if n.startswith(("pos_embed", "cls_token", "cls_pos", "attn_pool.latent")) or ".table" in n or ".prefix" in n}
 
     # ------------------------------------------------------------------ sizes
     def set_input_size(self, img_size) -> None:
@@ -299,8 +307,12 @@ class VisionTransformer(nn.Module):
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.global_pool == "avg":
-            return tokens[:, self.num_prefix_tokens:].mean(dim=1)
-        return tokens[:, 0]
+            x = tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        elif self.global_pool == "map":
+            x = self.attn_pool(tokens)  # all tokens, as big_vision and timm
+        else:
+            x = tokens[:, 0]
+        return x if self.fc_norm is None else self.fc_norm(x)
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pre_logits(self.head_drop(self.pool(tokens)))

@@ -182,14 +182,22 @@ _INHERITED = ("model", "model_kwargs", "drop_path", "dropout", "objective", "obj
 
 def finetune(checkpoint: str | Path, dataset: str, img_size: int | None = None, data_dir: str | None = None, *,
              overrides: list[str] | dict | None = None, which: str = "last", ema: bool | None = None,
-             verbose: bool = True, **fields) -> RunResult:
+             verbose: bool = True, model_name: str | None = None, revision: str | None = None,
+             **fields) -> RunResult:
     """Fine-tune a trained model on another data set, the paper's way: the classifier is
     replaced by a zero-initialised linear layer for the new classes, learned position
     embeddings are resampled to the new patch grid (2D interpolation) when `img_size`
     changes, and the whole network is trained with SGD momentum 0.9, no weight decay,
     gradient clipping at 1 and linear warmup then cosine decay (FINETUNE_DEFAULTS).
-    `fields`/`overrides` change any TrainConfig field (e.g. epochs=, lr=, name=)."""
-    model, info = load_model(checkpoint, which=which, ema=ema)
+    `fields`/`overrides` change any TrainConfig field (e.g. epochs=, lr=, name=).
+
+    `checkpoint` is any weights SOURCE (vitlab.models.sources): a vitlab run or checkpoint, a
+    Hugging Face or timm folder, a timm file (with `model_name`), a Google .npz, `hf-hub:ORG/NAME`,
+    `timm/NAME.TAG` or a published tag; `revision` pins a Hub revision. Published weights'
+    normalisation (mean/std) replaces the new data's own and is recorded with the run."""
+    from ..models.sources import load_source
+
+    model, info = load_source(checkpoint, model_name=model_name, revision=revision, which=which, ema=ema)
     base = info["config"]
     cfg = TrainConfig.from_dict({k: base[k] for k in _INHERITED if k in base})
     cfg = apply_overrides(cfg, {**FINETUNE_DEFAULTS, "dataset": dataset, "data_dir": data_dir,
@@ -209,17 +217,34 @@ def finetune(checkpoint: str | Path, dataset: str, img_size: int | None = None, 
 
     cfg.validate()
     bundle = load_data(cfg)
+    pre = info.get("preprocessing") or {}
+    if pre.get("mean") and pre.get("std") and len(pre["mean"]) == bundle.in_chans:
+        # the weights were trained on inputs normalised this way; checkpoints record it for eval/predict
+        bundle = dataclasses.replace(bundle, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
     new_size = resolve_img_size(cfg, bundle)  # default: the new data's own size
     cfg = dataclasses.replace(cfg, img_size=new_size, num_classes=int(bundle.num_classes),
                               in_chans=int(bundle.in_chans))
     before, old_grid = _shapes(model), getattr(model, "grid_size", None)
     _adapt_model(model, bundle.num_classes, new_size, info)
-    notes = describe_resampling(before, _shapes(model), info["img_size"], new_size, old_grid,
-                                getattr(model, "grid_size", None))
+    # what was loaded, re-initialised and resampled: in the run's log (train.log) after its first line
+    notes = [f"finetune: loaded {info.get('source') or info['checkpoint']}; new zero-initialised head for "
+             f"{bundle.num_classes} classes"]
+    notes += describe_resampling(before, _shapes(model), info["img_size"], new_size, old_grid,
+                                 getattr(model, "grid_size", None))
     model.train()
     # the run must be rebuildable from its config (checkpoints, resume, load_model)
     cfg = _matching_config(cfg, model)
-    return fit(cfg, model=model, bundle=bundle, verbose=verbose, notes=notes)
+    result = fit(cfg, model=model, bundle=bundle, verbose=verbose, notes=notes)
+    if getattr(result, "rank", None) == 0:  # where the weights came from and their preprocessing (model cards read it)
+        import shlex
+        import sys
+
+        cli = Path(sys.argv[0]).name in ("vitlab", "__main__.py") and "finetune" in sys.argv
+        record = {"source": str(checkpoint), "read": info.get("source"), "revision": revision,
+                  "command": shlex.join(["vitlab", *sys.argv[sys.argv.index("finetune"):]]) if cli else None,
+                  "preprocessing": pre, "mean": list(bundle.mean), "std": list(bundle.std)}
+        (Path(result.run_dir) / "source.json").write_text(dumps(record, indent=1))
+    return result
 
 
 def _shapes(model) -> dict[str, tuple[int, ...]]:

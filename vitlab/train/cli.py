@@ -129,7 +129,15 @@ def register(sub) -> None:
                                    "position embeddings resampled to the new patch grid, SGD momentum 0.9, no "
                                    "weight decay, gradient clipping at 1, linear warmup then cosine decay. "
                                    "Any training option can be overridden as key=value.")
-    f.add_argument("checkpoint", metavar="CHECKPOINT", help="run directory or .safetensors file to start from")
+    f.add_argument("checkpoint", metavar="SOURCE",
+                   help="weights to start from: a run directory or checkpoint, a Hugging Face folder (config.json + "
+                        "model.safetensors), a timm .safetensors/.pth (with --model), a Google .npz, "
+                        "hf-hub:ORG/NAME, timm/NAME.TAG, or a published tag such as vit_b16.augreg_in21k")
+    f.add_argument("--model", dest="source_model", metavar="NAME",
+                   help="architecture of a checkpoint that does not record it (timm files): a vitlab variant "
+                        "(vit_b16) or timm's name (vit_base_patch16_224) (default: read from the checkpoint)")
+    f.add_argument("--revision", help="Hub revision (branch, tag or commit) of an hf-hub:/timm/ source "
+                                      "(default: main)")
     f.add_argument("--dataset", help="the new data set, e.g. imagefolder with --data-dir (default: none; "
                                      "required unless in --config)")
     f.add_argument("--data-dir", metavar="DIR", help="folder with the data set's files (default: where the "
@@ -290,7 +298,8 @@ def run_finetune(args) -> int:
 
         raise ConfigError("finetune needs the new data set: --dataset NAME (or dataset: in --config)")
     result = finetune(args.checkpoint, dataset, img_size=img_size, data_dir=data_dir,
-                      overrides=args.overrides, verbose=not args.quiet, **fields)
+                      overrides=args.overrides, verbose=not args.quiet, model_name=args.source_model,
+                      revision=args.revision, **fields)
     return _report(result, args, "fine-tuned")
 
 

@@ -433,7 +433,7 @@ FIELD_HELP = {
     "seed": "seed of initialisation, data order and augmentation",
     "objective": "training objective (classification; others register themselves)",
     "objective_kwargs": "options of the objective",
-    "init_from": "checkpoint the run started from (set by finetune)",
+    "init_from": "weights to start from: a run, checkpoint, HF/timm folder or file, .npz, hf-hub:ORG/NAME, timm/NAME.TAG or a published tag (vitlab.models.registry.PUBLISHED)",
     "eval_every": "epochs between evaluations",
     "checkpoint_every": "optimizer steps between extra checkpoints (0: at evaluations)",
     "out": "parent folder of run directories",

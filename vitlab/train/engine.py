@@ -406,11 +406,16 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     cfg = dataclasses.replace(cfg, img_size=img_size, num_classes=int(bundle.num_classes),
                               in_chans=int(bundle.in_chans))
     objective = build_objective(cfg.objective, cfg.objective_kwargs)
+    init_notes: list[str] = []
     if model is None:
         from ..models import create_model
 
         model = create_model(cfg.model, num_classes=cfg.num_classes, img_size=img_size, in_chans=cfg.in_chans,
                              **cfg.model_overrides())
+        if cfg.init_from and not resume:  # starting weights from a run, file, folder or Hub id (never ignored)
+            from ..models.sources import init_from_source
+
+            init_notes = init_from_source(model, cfg.init_from)
         if hasattr(objective, "prepare_model"):
             model = objective.prepare_model(model) or model
     n_train = len(bundle.train.labels)
@@ -521,6 +526,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     for note in notes:
         log.line(note)
 
+    for note in init_notes:
+        log.line(note)
     train_tf, eval_tf = make_transforms(cfg, bundle, img_size)
     images, labels = bundle.train.images, bundle.train.labels
 
