@@ -67,17 +67,18 @@ def _logits(model, dataset, transform, device, batch_size: int) -> torch.Tensor:
 
 
 def evaluate(run_or_checkpoint: str | Path, dataset: str | None = None, data_dir: str | None = None, *,
-             split: str = "val", batch_size: int = 512, out: str | Path | None = None, which: str = "last",
+             split: str | None = None, batch_size: int = 512, out: str | Path | None = None, which: str = "last",
              ema: bool | None = None, device: str = "cpu", data_options: dict | None = None,
              plot: bool = True) -> dict[str, Any]:
     """Accuracy, mean cross-entropy, per-class accuracy and the confusion matrix of a trained
-    model on a data set's `split` ('val' or 'train'); by default the run's own data set and
-    held-out split. Writes eval.json and confusion.png into `out` (default: <run>/eval-<data>)."""
+    model on a data set's `split` ('train', 'val' or 'test', named as on disk: an image folder's test/
+    folder is 'test'); by default the run's own data set and held-out split. Writes eval.json and
+    confusion.png into `out` (default: <run>/eval-<data>-<split>)."""
     from ..data import AugmentConfig, BatchTransform
     from .distributed import resolve_device
 
-    if split not in ("val", "train"):
-        raise ConfigError(f"split={split!r} is not valid; choose val or train")
+    if split not in (None, "val", "train", "test"):
+        raise ConfigError(f"split={split!r} is not valid; choose train, val or test")
     model, info = load_model(run_or_checkpoint, which=which, ema=ema)
     dev = resolve_device(device)
     model.to(dev)
@@ -86,7 +87,8 @@ def evaluate(run_or_checkpoint: str | Path, dataset: str | None = None, data_dir
         raise ConfigError(f"the model predicts {info['num_classes']} classes but {bundle.name} has "
                           f"{bundle.num_classes}; fine-tune it first: vitlab finetune {run_or_checkpoint} "
                           f"--dataset {bundle.name}")
-    data = bundle.val if split == "val" else bundle.train
+    data = bundle.split(split)
+    split = split or bundle.val_name
     # the preprocessing the model was trained with: its own size and normalisation
     tf = BatchTransform(AugmentConfig(img_size=info["img_size"]), info["mean"] or bundle.mean,
                         info["std"] or bundle.std, bundle.num_classes, train=False)

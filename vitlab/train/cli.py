@@ -82,7 +82,8 @@ def register(sub) -> None:
     e.add_argument("checkpoint", metavar="RUN_or_CHECKPOINT", help="run directory or .safetensors file")
     e.add_argument("--dataset", help="data set to evaluate on (default: the run's)")
     e.add_argument("--data-dir", metavar="DIR", help="folder with the data set's files")
-    e.add_argument("--split", default="val", choices=("val", "train"), help="which split (default val)")
+    e.add_argument("--split", default=None, choices=("train", "val", "test"),
+                   help="which split, named as on disk (default: the held-out split: val/, else test/)")
     e.add_argument("--batch-size", type=int, default=512, help="evaluation batch size (default 512)")
     e.add_argument("--best", action="store_true", help="the run's best checkpoint instead of the last")
     e.add_argument("--no-ema", action="store_true", help="the raw weights even when the run kept an EMA")

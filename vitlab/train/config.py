@@ -41,7 +41,9 @@ class TrainConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     train_fraction: float = 1.0
-    on_bad_image: str = "skip"
+    on_bad_image: str = "skip"         # also: a corrupt sample in a WebDataset shard
+    drop_last: bool = False            # drop each epoch's last partial batch (false: every image is used)
+    workers: int | None = None         # data loader worker processes (lazy folders, shards); None: from the cores
     img_size: int | None = None        # None: the data's native size
     num_classes: int | None = None     # filled in from the data (recorded for checkpoints)
     in_chans: int | None = None        # filled in from the data
@@ -174,6 +176,8 @@ class TrainConfig:
         need(0 < self.train_fraction <= 1, f"train_fraction={self.train_fraction} must be in (0, 1]")
         need(self.img_size is None or self.img_size >= 1, f"img_size={self.img_size} must be a positive integer")
         need(self.threads >= 0, f"threads={self.threads} must be >= 0 (0: torch's default)")
+        need(self.workers is None or self.workers >= 0, f"workers={self.workers} must be >= 0 (0: no worker "
+             f"processes; null: chosen from the cores)")
         need(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps} must be at least 1")
         for name in ("drop_path", "dropout"):
@@ -356,7 +360,9 @@ FIELD_HELP = {
     "val_fraction": "held-out fraction for data sets without an official test split",
     "split_seed": "seed of that held-out split",
     "train_fraction": "use a seeded stratified fraction of the training set",
-    "on_bad_image": "skip or error: what an unreadable image file does",
+    "on_bad_image": "skip or error: what an unreadable image file (or corrupt shard sample) does",
+    "drop_last": "drop each epoch's last partial batch (false: it is used, so every image is seen)",
+    "workers": "data loader worker processes for lazy folders and shards (null: chosen from the cores)",
     "img_size": "training resolution (null: the data's native size)",
     "num_classes": "set from the data",
     "in_chans": "set from the data",
