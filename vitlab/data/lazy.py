@@ -51,7 +51,7 @@ class LazyImageFolder(torch.utils.data.Dataset):
             j = (int(i) + k) % len(self.files)
             arr = decode_image(self.files[j], self.size_hw, self.mode, self.fit)
             if not isinstance(arr, Exception):
-                return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+                return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous()  # a writable copy
             if self.on_bad_image == "error":
                 raise DataError(f"cannot decode image {self.files[j]} ({type(arr).__name__}: {arr}): remove or "
                                 f"replace the file, or pass on_bad_image=skip")

@@ -177,7 +177,6 @@ def _timed(source, probe: ThroughputProbe, counts):
     consumer took with the previous one."""
     it = iter(source)
     k = 0
-    back = None
     while True:
         t0 = time.perf_counter()
         try:
@@ -185,11 +184,8 @@ def _timed(source, probe: ThroughputProbe, counts):
         except StopIteration:
             return
         t1 = time.perf_counter()
-        if back is not None:
-            probe.add(wait_prev, t0 - back, counts[k - 1])
-        wait_prev = t1 - t0
         yield item
-        back = time.perf_counter()
+        probe.add(t1 - t0, time.perf_counter() - t1, counts[k])
         k += 1
 
 

@@ -51,6 +51,8 @@ def _load_eval_data(info: dict, dataset: str | None, data_dir: str | None, data_
     options.update(data_options or {})
     if name != "synthetic" or "in_chans" not in options:
         options.setdefault("in_chans", info["in_chans"])
+    if name in ("imagefolder", "shards"):
+        options.setdefault("image_size", info["img_size"])  # the model's size, cropped as in training
     return load_dataset(name, data_dir if data_dir is not None else (cfg.get("data_dir") if same else None),
                         val_fraction=cfg.get("val_fraction", 0.1), split_seed=cfg.get("split_seed", 0),
                         on_bad_image=cfg.get("on_bad_image", "skip"), **options)
