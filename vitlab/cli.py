@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "vitlab.studies.cli",     # pretrain, fewshot, study
     "vitlab.bench",           # bench
     "vitlab.accel.cli",       # env
+    "vitlab.data.cli",        # data shard, data verify
 )
 
 

@@ -99,7 +99,7 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_fraction: float 
         raise ConfigError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
     if not 0.0 < float(train_fraction) <= 1.0:
         raise ConfigError(f"train_fraction must be in (0, 1], got {train_fraction}: use e.g. train_fraction=0.1")
-    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+    if data_dir is not None and key != "shards" and not Path(data_dir).expanduser().is_dir():
         raise DataError(f"data_dir {str(data_dir)!r} does not exist or is not a folder: "
                         f"pass the folder that holds the {key} files (--data-dir DIR)")
     meta: dict = {}
