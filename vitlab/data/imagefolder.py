@@ -272,16 +272,14 @@ def describe_fit(shapes: dict, size_hw, fit: str) -> str:
         return f"images kept at {h}x{w}"
     other = []
     if shapes.get("portrait"):
-        other.append(f"{shapes['portrait']:,} taller (portrait)")
+        other.append(f"{shapes['portrait']:,} portrait")
     if shapes.get("landscape"):
-        other.append(f"{shapes['landscape']:,} wider (landscape)")
+        other.append(f"{shapes['landscape']:,} landscape")
     if fit == "squash":
         how = f"resized to {h}x{w} (both sides: aspect NOT kept, fit=squash)"
     else:
-        how = f"resized (shorter side {min(h, w)}) and centre-cropped to {h}x{w}, aspect kept"
-    return (f"{shapes['resized']:,} images {how}" + (f"; {', '.join(other)} than {h}x{w} cropped"
-                                                         if other and fit != "squash" else
-                                                         f"; {', '.join(other)} squashed" if other else ""))
+        how = f"resized (shorter side {min(h, w)}) and centre-cropped to {h}x{w} (aspect kept)"
+    return f"{shapes['resized']:,} images {how}" + (f"; {', '.join(other)} (relative to {h}x{w})" if other else "")
 
 
 def report_bad(bad: list[tuple[str, str]], on_bad_image: str) -> None:

@@ -146,7 +146,7 @@ def write_shards(folder, out, shard_size="256MB", max_count: int = 100_000, max_
                 # the size on disk: every member takes a 512-byte header and is padded to 512 bytes
                 # (webdataset's own limit counts the payload only)
                 size = sum(512 + -(-len(v) // 512) * 512 for key, v in sample.items() if key != "__key__")
-                if sink.tarstream is not None and sink.count and cur + size > maxsize - 10240:  # + end record
+                if sink.tarstream is not None and sink.count and cur + size > max(maxsize - 10240, maxsize // 2):  # + end record
                     sink.next_stream()
                     cur = 0
                 sink.write(sample)
