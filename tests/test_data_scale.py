@@ -315,3 +315,40 @@ def test_plain_progress_lines_outside_a_terminal(monkeypatch):
     quiet = P.Progress(Log(), 10, 0, 4, allowed=False, every_s=0.0)
     quiet.update(1, 4, 1, torch.tensor(0.5))
     assert len(lines) == 3
+
+
+# ------------------------------------------------------------------------- 2 gloo processes on shards
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_on_their_own_shards(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from vitlab.train import checkpoint as ckpt
+
+    out, index = shard_folder(tmp_path, n=16, shard_size="12kB")
+    n_shards = len(index["splits"]["train"]["shards"])
+    assert n_shards >= 4
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vitlab",
+           "train", "--dataset", "shards", "--data-dir", pattern(out, index), "--img-size", "8", "--out",
+           str(tmp_path / "runs"), "--name", "ddp", "epochs=2", "batch_size=8", "workers=1", "threads=1",
+           "tensorboard=false", "model_kwargs.depth=1", "model_kwargs.embed_dim=16", "model_kwargs.num_heads=2",
+           "max_steps=3"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = ckpt.read_state(ckpt.resolve_checkpoint(tmp_path / "runs" / "ddp")["state"])
+    pos = state["data_position"]
+    # each rank kept its own position: 3 steps x 4 samples per rank
+    assert len(pos) == 2 and all(p["epoch"] == 0 and sum(p["seen"]) >= 12 for p in pos)
+    resume = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vitlab",
+              "train", "--resume", str(tmp_path / "runs" / "ddp")]
+    proc = subprocess.run(resume, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
+    assert summary["finished"] and summary["world_size"] == 2
