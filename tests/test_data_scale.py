@@ -61,11 +61,18 @@ def test_shard_index_counts_and_checksums(tmp_path):
     assert len(train["shards"]) >= 4  # small shards: several per split
     for s in train["shards"]:
         assert (out / s["name"]).stat().st_size == s["bytes"] <= 6000 + 10240  # size limit + tar end record
-    from vitlab.data.shards import verify_shards
+    from vitlab.cli import main
 
-    assert verify_shards(out) == []
+    assert main(["data", "verify", str(out)]) == 0
     (out / train["shards"][1]["name"]).write_bytes(b"x" * 100)
-    assert verify_shards(out) == [train["shards"][1]["name"]]
+    assert main(["data", "verify", str(out)]) == 2  # one line naming the shard, exit status 2
+    # the command line writes the same shards (same seed: the same order)
+    assert main(["data", "shard", str(tmp_path / "src"), str(tmp_path / "again"), "--shard-size", "6kB"]) == 0
+    again = json.loads((tmp_path / "again" / "index.json").read_text())
+    assert [s["sha256"] for s in again["splits"]["val"]["shards"]] == \
+        [s["sha256"] for s in index["splits"]["val"]["shards"]]
+    with pytest.raises(DataError, match="already holds .tar shards"):
+        write_shards(tmp_path / "src", tmp_path / "again", report=None)
 
 
 def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(tmp_path, monkeypatch):

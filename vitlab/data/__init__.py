@@ -176,6 +176,7 @@ def _load_imagefolder(data_dir, val_fraction, split_seed, on_bad_image, in_chans
         raise ConfigError(f"lazy must be auto, true or false, got {lazy!r}")
     say = report or (lambda text: None)
     root = Path(data_dir).expanduser()
+    say(f"imagefolder {root}: listing images ...")
     dirs = find_split_dirs(root) or {"all": root}
     size_hw = parse_size(image_size)
     listing = {name: scan(d) for name, d in dirs.items()}
@@ -183,6 +184,7 @@ def _load_imagefolder(data_dir, val_fraction, split_seed, on_bad_image, in_chans
     mode = "RGB" if in_chans == 3 else "L"
     bad_sizes: dict = {}
     if size_hw is None:
+        say(f"  reading {n_files:,} image headers for the most common size (--img-size N skips this) ...")
         first = listing.get("train", listing.get("all"))
         size_hw = most_common_size(dirs.get("train", root), [f[0] for f in first[1]], bad_sizes)
     decoded_mb = n_files * in_chans * size_hw[0] * size_hw[1] / 2**20

@@ -135,9 +135,9 @@ def write_shards(folder, out, shard_size="256MB", max_count: int = 100_000, max_
         counts: Counter = Counter()
         pattern = str(out / f"{split}-%06d.tar")
         last = time.monotonic()
-        # an integer mtime: a fractional one costs every member a 1 KB pax header
-        with wds.ShardWriter(pattern, maxsize=float("inf"), maxcount=max_count, verbose=0,
-                             mtime=int(time.time())) as sink:
+        # a fixed integer mtime: byte-identical shards from the same folder and seed (and a fractional
+        # one would cost every member a 1 KB pax header)
+        with wds.ShardWriter(pattern, maxsize=float("inf"), maxcount=max_count, verbose=0, mtime=0) as sink:
             cur = 0
             for k, i in enumerate(order):
                 path, label = items[i]
