@@ -87,7 +87,7 @@ class IndexedTrainData:
         self.seed = seed
         self.permutation = permutation
         per = self.A * self.W
-        if self.n_train < per or (drop_last and self.n_train < self.B):
+        if self.n_train < max(per, self.B):  # a batch larger than the whole set is a mistake, not a partial batch
             raise ConfigError(f"batch_size={self.B} is larger than the training set ({self.n_train} images); "
                               f"use batch_size <= {self.n_train // per * per or per}")
         self.steps_per_epoch = self.n_train // self.B if drop_last else math.ceil(self.n_train / self.B)

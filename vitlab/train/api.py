@@ -234,8 +234,8 @@ def _matching_config(cfg: TrainConfig, model) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------- prediction
-def _read_image(path: str | Path, in_chans: int) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+def _read_image(path: str | Path, in_chans: int, size: int | None = None) -> torch.Tensor:
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = Path(path)
     if not p.is_file():
@@ -243,6 +243,9 @@ def _read_image(path: str | Path, in_chans: int) -> torch.Tensor:
     try:
         with Image.open(p) as im:
             im = im.convert("L" if in_chans == 1 else "RGB")
+            if size is not None and im.size != (size, size):
+                # as image folders are prepared for training: shorter side resized, centre cut out
+                im = ImageOps.fit(im, (size, size), method=Image.Resampling.BILINEAR)
             arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
             h, w = im.height, im.width
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -258,7 +261,8 @@ def _read_image(path: str | Path, in_chans: int) -> torch.Tensor:
 def predict(checkpoint: str | Path, images: Sequence[str | Path], topk: int = 5, which: str = "last",
             ema: bool | None = None, device: str = "cpu") -> list[dict]:
     """Top-k classes with probabilities for each image file, with the evaluation
-    preprocessing the model was trained with (resize to its size, its normalisation)."""
+    preprocessing the model was trained with (shorter side resized to its size and the centre cut
+    out, as image folders are decoded for training; its normalisation)."""
     from ..data import AugmentConfig, BatchTransform
     from .distributed import resolve_device
 
@@ -274,7 +278,8 @@ def predict(checkpoint: str | Path, images: Sequence[str | Path], topk: int = 5,
     k = info["num_classes"]
     names = list(info.get("class_names") or [str(i) for i in range(k)])
     tf = BatchTransform(AugmentConfig(img_size=info["img_size"]), info["mean"], info["std"], k, train=False)
-    batch = [tf(_read_image(p, info["in_chans"])[None], torch.zeros(1, dtype=torch.int64))[0] for p in images]
+    batch = [tf(_read_image(p, info["in_chans"], info["img_size"])[None], torch.zeros(1, dtype=torch.int64))[0]
+             for p in images]
     probs = model(torch.cat(batch).to(dev)).float().softmax(dim=-1).cpu()
     top = probs.topk(min(topk, k), dim=-1)
     return [{"image": str(p), "top": [{"class": names[int(i)], "index": int(i), "prob": float(v)}
