@@ -5,7 +5,8 @@ Writing (``vitlab data shard FOLDER OUT/ --shard-size 256MB``): every split of t
 to ``OUT/<split>-000000.tar, ...`` in a seeded random order (shards are read sequentially, so a
 class-sorted order would give one-class batches), one sample per image: ``<key>.<ext>`` (the
 original encoded bytes, or a JPEG re-encoded with its shorter side at ``max_side``) and
-``<key>.cls`` (the class index); keys are ``<split><number>`` in the written order. ``OUT/index.json`` records the classes, the per-split and
+``<key>.cls`` (the class index); keys are ``<split><number>`` in the written order.
+``OUT/index.json`` records the classes, the per-split and
 per-shard counts, each shard's size and sha256, and channel statistics of a sample of the
 training images.
 
@@ -21,7 +22,9 @@ Reading (``dataset=shards``, ``data_dir='OUT/train-{000000..000099}.tar'``):
 - one epoch is ``ceil(n / batch_size)`` steps in one process (``floor`` with ``drop_last``); with
   several ranks, ``min over ranks of (the rank's samples // its batch share)``, so each rank may
   leave up to one local batch, plus what its shards hold beyond the smallest rank's, unused that
-  epoch (shards of equal size keep this small);
+  epoch (shards of equal size keep this small); in one process the last, partial batch is split
+  into ``accum_steps`` near-equal micro-batches, each weighted 1/accum_steps (exact without
+  accumulation);
 - a corrupt sample is reported by shard name and key; ``on_bad_image=skip`` goes on without it
   (the rest of the shard is still read), ``on_bad_image=error`` stops the run.
 
@@ -146,7 +149,8 @@ def write_shards(folder, out, shard_size="256MB", max_count: int = 100_000, max_
                 # the size on disk: every member takes a 512-byte header and is padded to 512 bytes
                 # (webdataset's own limit counts the payload only)
                 size = sum(512 + -(-len(v) // 512) * 512 for key, v in sample.items() if key != "__key__")
-                if sink.tarstream is not None and sink.count and cur + size > max(maxsize - 10240, maxsize // 2):  # + end record
+                limit = max(maxsize - 10240, maxsize // 2)  # room for the tar end record
+                if sink.tarstream is not None and sink.count and cur + size > limit:
                     sink.next_stream()
                     cur = 0
                 sink.write(sample)
@@ -158,7 +162,8 @@ def write_shards(folder, out, shard_size="256MB", max_count: int = 100_000, max_
         shards = [{"name": name, "count": n, "bytes": (out / name).stat().st_size,
                    "sha256": _sha256(out / name)} for name, n in sorted(counts.items())]
         index["splits"][split] = {"count": len(items), "shards": shards}
-        say(f"{split}: {len(items):,} images in {len(shards)} shard(s) {out}/{split}-{{000000..{len(shards) - 1:06d}}}.tar")
+        say(f"{split}: {len(items):,} images in {len(shards)} shard(s) "
+            f"{out}/{split}-{{000000..{len(shards) - 1:06d}}}.tar")
     # channel statistics and the most common size from a seeded sample of the training images
     train = splits["train"]
     pick = np.random.default_rng(seed).choice(len(train), size=min(500, len(train)), replace=False)
@@ -346,7 +351,8 @@ class ShardTrainData:
 
     def describe(self) -> str:
         return (f"data: {self.n_train:,} training samples in {len(self.s.urls)} shards ({self.mine:,} on this rank), "
-                f"{self.workers} worker(s), shuffle buffer {self.s.shuffle_buffer}, {self.steps_per_epoch} steps per epoch")
+                f"{self.workers} worker(s), shuffle buffer {self.s.shuffle_buffer}, "
+                f"{self.steps_per_epoch} steps per epoch")
 
     def position(self) -> dict:
         return {"epoch": self.cur_epoch, "workers": self.workers, "seen": list(self.seen)}
@@ -468,8 +474,10 @@ def load_shards(data_dir, in_chans=3, on_bad_image="skip", report=None, train_fr
         raise DataError(f"no readable sample in the {val_name} shards of {folder}")
     val = ImageDataset(torch.stack(xs), torch.tensor(ys))
     classes = list(index["classes"])
-    mean = tuple(index.get("mean") or [0.5] * in_chans)[:in_chans] if in_chans == 3 else (float(np.mean(index.get("mean", [0.5]))),)
-    std = tuple(index.get("std") or [0.25] * in_chans)[:in_chans] if in_chans == 3 else (float(np.mean(index.get("std", [0.25]))),)
+    # measured on RGB when the shards were written; grey runs take the channel mean
+    mean, std = tuple(index.get("mean") or [0.5] * 3), tuple(index.get("std") or [0.25] * 3)
+    if in_chans == 1:
+        mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
     meta = {"root": str(folder), "shards": len(urls), "lazy": True,
             "fit": f"shorter side resized to {min(size_hw)} and centre-cropped, aspect kept"}
     return DataBundle(name="shards", train=train, val=val, num_classes=len(classes), in_chans=in_chans,

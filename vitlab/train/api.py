@@ -235,26 +235,30 @@ def _matching_config(cfg: TrainConfig, model) -> TrainConfig:
 
 # ---------------------------------------------------------------------------- prediction
 def _read_image(path: str | Path, in_chans: int, size: int | None = None) -> torch.Tensor:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
+
+    from ..data.imagefolder import decode_image
 
     p = Path(path)
     if not p.is_file():
         raise DataError(f"image {str(p)!r} does not exist; pass paths of image files (JPEG, PNG, ...)")
+    if in_chans not in (1, 3):
+        raise DataError(f"the model takes {in_chans}-channel images; predict reads grey (1) or RGB (3) images only")
+    mode = "L" if in_chans == 1 else "RGB"
+    if size is not None:
+        # the decoder image folders use for training: shorter side resized, centre cut out
+        arr = decode_image(str(p), (int(size), int(size)), mode, "center_crop")
+        if isinstance(arr, Exception):
+            raise DataError(f"cannot read image {str(p)!r} ({type(arr).__name__}: {arr}); pass a valid image file")
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     try:
         with Image.open(p) as im:
-            im = im.convert("L" if in_chans == 1 else "RGB")
-            if size is not None and im.size != (size, size):
-                # as image folders are prepared for training: shorter side resized, centre cut out
-                im = ImageOps.fit(im, (size, size), method=Image.Resampling.BILINEAR)
+            im = im.convert(mode)
             arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
             h, w = im.height, im.width
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {str(p)!r} ({type(e).__name__}: {e}); pass a valid image file") from None
-    c = 1 if in_chans == 1 else 3
-    x = arr.view(h, w, c).permute(2, 0, 1).contiguous()
-    if in_chans not in (1, 3):
-        raise DataError(f"the model takes {in_chans}-channel images; predict reads grey (1) or RGB (3) images only")
-    return x
+    return arr.view(h, w, 1 if in_chans == 1 else 3).permute(2, 0, 1).contiguous()
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ def register(sub) -> None:
     p.epilog = None
     p.add_argument("--config", metavar="FILE", help="YAML config file (see configs/)")
     p.add_argument("--model", help="model variant, e.g. vit_nano_p2, vit_micro_p4, vit_b16 (`vitlab models`)")
-    p.add_argument("--dataset", help="digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic")
+    p.add_argument("--dataset", help="digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, shards, synthetic")
     p.add_argument("--data-dir", metavar="DIR", help="folder with the data set's files")
     p.add_argument("--epochs", type=int, help="number of epochs")
     p.add_argument("--batch-size", type=int, help="global batch size (over processes and accumulation)")

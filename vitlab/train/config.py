@@ -354,7 +354,7 @@ FIELD_HELP = {
     "model_kwargs": "constructor overrides, e.g. model_kwargs.pos_embed=sincos_2d",
     "drop_path": "stochastic depth rate (null: the variant's)",
     "dropout": "dropout rate (null: the variant's)",
-    "dataset": "digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic",
+    "dataset": "digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, shards, synthetic",
     "data_dir": "folder with the data set's files",
     "data_options": "extra loader options, e.g. data_options.image_size=64",
     "val_fraction": "held-out fraction for data sets without an official test split",

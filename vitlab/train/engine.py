@@ -398,7 +398,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     params = [p for p in raw.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in raw.parameters()) if not cfg.fsdp else None
 
-    log.line(f"run {run_dir}: {cfg.model} on {cfg.dataset} ({n_train} train / {len(bundle.val.labels)} {bundle.val_name}, "
+    log.line(f"run {run_dir}: {cfg.model} on {cfg.dataset} ({n_train} train / {len(bundle.val.labels)} "
+             f"{bundle.val_name}, "
              f"{cfg.num_classes} classes, {img_size}x{img_size}x{cfg.in_chans}), {cfg.epochs} epochs x "
              f"{steps_per_epoch} steps of {B} images, {cfg.optimizer} lr {cfg.lr:g}, {W} process(es) on {device.type}"
              + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
@@ -451,7 +452,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                      "steps_per_epoch": steps_per_epoch, "optimizer": optim_sd,
                      "scheduler": {"step": step, "total_steps": total_steps, "warmup_steps": warmup,
                                    "schedule": cfg.schedule},
-                     "rng": rng, "data_position": data_pos, "threads": threads, "config": cfg.to_dict(), "best": best, "sums": sums,
+                     "rng": rng, "data_position": data_pos, "threads": threads, "config": cfg.to_dict(),
+                     "best": best, "sums": sums,
                      "wall_s": prior_wall + time.perf_counter() - wall0}
             ckpt.save_checkpoint(run_dir / "checkpoints", step, weights, _meta(cfg, bundle, step, epoch_done), state,
                                  ema.state_dict() if ema is not None else None)
