@@ -181,7 +181,6 @@ def _load_imagefolder(data_dir, val_fraction, split_seed, on_bad_image, in_chans
     size_hw = parse_size(image_size)
     listing = {name: scan(d) for name, d in dirs.items()}
     n_files = sum(len(files) for _, files in listing.values())
-    mode = "RGB" if in_chans == 3 else "L"
     bad_sizes: dict = {}
     if size_hw is None:
         say(f"  reading {n_files:,} image headers for the most common size (--img-size N skips this) ...")

@@ -46,7 +46,6 @@ import json
 import math
 import random
 import re
-import tarfile
 import time
 import warnings
 from collections import Counter

@@ -500,7 +500,6 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     try:
         while epoch < cfg.epochs and not stop:
             t0 = time.perf_counter()
-            s_start = step
             for s, parts, n_step in train_data.epoch(epoch, step - epoch * steps_per_epoch):
                 lr = lr_at(step, base_lr=cfg.lr, min_lr=cfg.min_lr, total_steps=total_steps, warmup_steps=warmup,
                            schedule=cfg.schedule)
@@ -539,7 +538,6 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                     total_train_s += dt
                     save(epoch)
                     t0 = time.perf_counter()
-                    s_start = step
                 if cfg.max_steps and step >= cfg.max_steps:
                     stop = True
                     break
