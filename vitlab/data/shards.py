@@ -255,7 +255,9 @@ class ShardSet:
     @property
     def images(self):
         raise DataError("a WebDataset shard set is streamed, not indexed: train on it (dataset=shards); evaluate on "
-                        "its val/test shards")
+                        "its val/test shards (--split val or test)")
+
+    labels = images
 
     def pipeline(self, seed: int, epoch: int, skip: list[int] | None = None, with_keys: bool = False,
                  shuffle: bool = True, by_node: bool = True):
