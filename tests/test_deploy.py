@@ -80,7 +80,7 @@ def test_onnx_export_computes_vitlabs_logits(tmp_path, model, img_size, kwargs):
     assert (got - want[:7]).abs().max() < 1e-4
     spec = json.loads((out / "preprocess.json").read_text())
     _, info = load_model(run_dir)
-    assert spec["size"] == [img_size, img_size] and spec["channels"] == 3 and spec["crop"] is None
+    assert spec["size"] == [img_size, img_size] and spec["channels"] == 3 and spec["crop"] == "center"
     assert spec["mean"] == pytest.approx(list(info["mean"])) and spec["std"] == pytest.approx(list(info["std"]))
     assert spec["class_names"] == list(info["class_names"])
     # the contract in preprocess.json gives the same inputs as the hand-made ones

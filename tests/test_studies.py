@@ -90,8 +90,9 @@ def test_interrupted_study_resumes_to_the_same_table(tmp_path, monkeypatch):
     assert abs(n_sub - 0.3 * n_full) <= 10                          # 30% of every class
     assert by["mpp-pretrain"]["val_acc"] == ""                      # MPP has no classification accuracy
     assert 0.0 <= float(by["mpp-f0p3-s0"]["val_acc"]) <= 1.0
-    # training compute = 3 x forward FLOPs x images seen (2 epochs of whole batches of 128)
-    seen = 2 * (n_sub // 128) * 128
+    # training compute = 3 x forward FLOPs x images seen (2 epochs of every image: the last partial
+    # batch of 128 is used too)
+    seen = 2 * n_sub
     assert int(by["scratch-f0p3-s0"]["images_seen"]) == seen
     fwd = float(by["scratch-f0p3-s0"]["fwd_mflops_per_image"]) * 1e6
     assert float(by["scratch-f0p3-s0"]["train_gflops"]) == pytest.approx(3 * fwd * seen / 1e9, rel=1e-3)

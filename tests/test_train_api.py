@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,11 +104,14 @@ def test_predict_on_real_flower_images(shared_data, tmp_path):
         probs = [t["prob"] for t in o["top"]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
         assert {t["class"] for t in o["top"]} <= names
-    # the same numbers as the model on the same preprocessing done by hand
+    # the same numbers as the model on the training preprocessing (shorter side resized, centre
+    # cut out, by the decoder image folders use), normalised by hand
+    from vitlab.data.imagefolder import decode_image
+
     model, info = load_model(run.run_dir)
-    im = Image.open(rose).convert("RGB")
-    x = torch.from_numpy(np.asarray(im).copy()).float().permute(2, 0, 1)[None] / 255
-    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+    arr = decode_image(str(rose), (16, 16), "RGB", "center_crop")
+    assert Image.open(rose).size != (16, 16) and arr.shape == (16, 16, 3)
+    x = torch.from_numpy(arr.copy()).float().permute(2, 0, 1)[None] / 255
     x = (x - torch.tensor(info["mean"]).view(1, 3, 1, 1)) / torch.tensor(info["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         p = model(x).softmax(-1)[0]

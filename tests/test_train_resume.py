@@ -39,13 +39,14 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path):
     # every random stream in play: dropout, stochastic depth, augmentation, label smoothing, EMA
     kw = dict(dropout=0.1, drop_path=0.1, pad_crop=1, label_smoothing=0.1, ema_decay=0.9)
     full = fit(tiny_cfg(tmp_path, name="full", **kw), verbose=False)
-    # 25 steps per epoch: stop after 30 optimizer steps, i.e. 5 steps into the second epoch
+    # 26 steps per epoch (1,617 images: 25 batches of 64 and the last, partial one of 17, which is used):
+    # stop after 30 optimizer steps, i.e. 4 steps into the second epoch
     part = fit(tiny_cfg(tmp_path, name="part", max_steps=30, **kw), verbose=False)
     assert part.summary["finished"] is False and part.summary["steps"] == 30
     state = ckpt.read_state(ckpt.resolve_checkpoint(part.run_dir)["state"])
-    assert (state["epoch"], state["step_in_epoch"]) == (1, 5)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 4)
     rest = fit(TrainConfig(resume=str(part.run_dir)), verbose=False)
-    assert rest.run_dir == part.run_dir and rest.summary["finished"] and rest.summary["steps"] == 50
+    assert rest.run_dir == part.run_dir and rest.summary["finished"] and rest.summary["steps"] == 52
 
     a, b = _weights(full.run_dir), _weights(rest.run_dir)
     assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)

@@ -19,10 +19,16 @@ Data sets and where each looks for its files (``data_dir`` given: that folder, t
   (``cifar-100-python/``) or the ``cifar-10-python.tar.gz`` (``cifar-100-python.tar.gz``) archive
   itself. val = the official test set. ``label_mode='coarse'`` gives CIFAR-100's 20 superclasses.
 - ``imagefolder``: ``data_dir/<class>/<image>`` (jpg, png, ...), or ``data_dir/train/<class>/...``
-  with ``data_dir/val/`` (or ``test/``); without those, a seeded stratified ``val_fraction`` is held
-  out. Options ``image_size`` (default: the most common size), ``in_chans`` (3 or 1), ``fit``
-  ('squash' or 'center_crop'), ``cache`` (decoded arrays cached in ``$VITLAB_CACHE_DIR``,
-  ``~/.cache/vitlab`` or ``data_dir/.vitlab_cache``).
+  with ``data_dir/val/`` and/or ``data_dir/test/`` (named as on disk: ``bundle.val_name`` is
+  'test' when only test/ exists; with both, ``bundle.test`` holds test/); without those, a seeded
+  stratified ``val_fraction`` is held out. Options ``image_size`` (the training size; default: the
+  most common size), ``in_chans`` (3 or 1), ``fit`` ('center_crop': shorter side resized then the
+  centre cut out, aspect kept; or 'squash'), ``cache`` (decoded arrays cached in
+  ``$VITLAB_CACHE_DIR``, ``~/.cache/vitlab`` or ``data_dir/.vitlab_cache``), ``lazy`` ('auto':
+  decoded on the fly when the decoded set exceeds ``memory_budget_mb``, default 1024).
+- ``shards``: WebDataset tar shards written by ``vitlab data shard`` (``data_dir`` = the brace
+  pattern of the train shards, e.g. ``OUT/train-{000000..000099}.tar``; ``index.json`` beside them);
+  see :mod:`vitlab.data.shards`.
 - ``synthetic``: generated class-structured images (no files); options ``num_classes``,
   ``img_size``, ``in_chans``, ``n_train``, ``n_val``, ``noise``, ``seed``.
 
@@ -50,11 +56,13 @@ _OPTIONS = {
     "fashion-mnist": {"verify", "in_chans"},
     "cifar10": {"verify", "in_chans"},
     "cifar100": {"verify", "in_chans", "label_mode"},
-    "imagefolder": {"image_size", "in_chans", "fit", "cache"},
+    "imagefolder": {"image_size", "in_chans", "fit", "cache", "lazy", "memory_budget_mb"},
+    "shards": {"image_size", "in_chans", "shuffle_buffer", "val_pattern"},
     "synthetic": {"num_classes", "img_size", "in_chans", "n_train", "n_val", "noise", "seed"},
 }
 _ALIASES = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10",
-            "cifar-100": "cifar100", "image-folder": "imagefolder", "folder": "imagefolder"}
+            "cifar-100": "cifar100", "image-folder": "imagefolder", "folder": "imagefolder",
+            "webdataset": "shards", "wds": "shards"}
 
 
 def list_datasets() -> list[str]:
@@ -83,7 +91,7 @@ def _how_to_get(key: str) -> str | None:
 
 
 def load_dataset(name: str, data_dir: str | None = None, *, val_fraction: float = 0.1, split_seed: int = 0,
-                 on_bad_image: str = "skip", train_fraction: float = 1.0, **options) -> DataBundle:
+                 on_bad_image: str = "skip", train_fraction: float = 1.0, report=None, **options) -> DataBundle:
     """Load a data set by name into memory (see the module docstring for names and options).
 
     ``val_fraction`` and ``split_seed`` define the held-out split of the sets without an official
@@ -103,7 +111,7 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_fraction: float 
         raise ConfigError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
     if not 0.0 < float(train_fraction) <= 1.0:
         raise ConfigError(f"train_fraction must be in (0, 1], got {train_fraction}: use e.g. train_fraction=0.1")
-    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+    if data_dir is not None and key != "shards" and not Path(data_dir).expanduser().is_dir():
         hint = _how_to_get(key)
         raise DataError(f"data_dir {str(data_dir)!r} does not exist or is not a folder: "
                         f"pass the folder that holds the {key} files (--data-dir DIR)"
@@ -129,9 +137,14 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_fraction: float 
         xt, yt, xv, yv, class_names, m = load_cifar(key, data_dir, verify=verify, **options)
         meta.update(m)
     elif key == "imagefolder":
-        xt, yt, xv, yv, class_names = _load_imagefolder(data_dir, val_fraction, split_seed, on_bad_image,
-                                                        in_chans=in_chans or 3, meta=meta, **options)
-        in_chans = None  # already decoded in the requested mode
+        train, val, test, val_name, class_names, stats = _load_imagefolder(
+            data_dir, val_fraction, split_seed, on_bad_image, in_chans=in_chans or 3, meta=meta, report=report,
+            **options)
+        return _bundle(key, train, val, class_names, meta, train_fraction, split_seed, stats, test, val_name)
+    elif key == "shards":
+        from .shards import load_shards
+        return load_shards(data_dir, in_chans=in_chans or 3, on_bad_image=on_bad_image, report=report,
+                           train_fraction=train_fraction, **options)
     else:  # synthetic
         from .toy import make_synthetic
         if in_chans is not None:
@@ -144,49 +157,106 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_fraction: float 
 
     if in_chans is not None:
         xt, xv = convert_channels(xt, int(in_chans)), convert_channels(xv, int(in_chans))
-    mean, std = channel_stats(xt)
+    return _bundle(key, ImageDataset(xt, yt), ImageDataset(xv, yv), class_names, meta, train_fraction, split_seed)
+
+
+def _bundle(key, train, val, class_names, meta, train_fraction, split_seed, stats=None, test=None,
+            val_name="val") -> DataBundle:
+    mean, std = stats or channel_stats(train.images)
     if float(train_fraction) < 1.0:
-        keep = nested_fraction(yt.numpy(), float(train_fraction), split_seed)
-        xt, yt = xt[torch.from_numpy(keep)], yt[torch.from_numpy(keep)]
+        train = train.subset(nested_fraction(train.labels.numpy(), float(train_fraction), split_seed))
         meta["train_fraction"] = float(train_fraction)
-    return DataBundle(name=key, train=ImageDataset(xt, yt), val=ImageDataset(xv, yv),
-                      num_classes=len(class_names), in_chans=int(xt.shape[1]),
-                      native_size=(int(xt.shape[2]), int(xt.shape[3])), class_names=class_names,
-                      mean=mean, std=std, meta=meta)
+    _, c, h, w = train.images.shape
+    return DataBundle(name=key, train=train, val=val, num_classes=len(class_names), in_chans=int(c),
+                      native_size=(int(h), int(w)), class_names=class_names, mean=mean, std=std, meta=meta,
+                      test=test, val_name=val_name)
 
 
 def _load_imagefolder(data_dir, val_fraction, split_seed, on_bad_image, in_chans=3, image_size=None,
-                      fit="squash", cache=True, meta=None):
-    from .imagefolder import decode_tree, find_split_dirs, report_bad
+                      fit="center_crop", cache=True, lazy="auto", memory_budget_mb=1024, meta=None, report=None):
+    """(train, val, test or None, val_name, class_names, mean/std or None) of an image folder.
+
+    In memory (decoded once, cached on disk) while the decoded pixels fit ``memory_budget_mb``;
+    beyond it, or with ``lazy=True``, decoded on the fly (:class:`~vitlab.data.lazy.LazyImageFolder`)."""
+    from .imagefolder import (check_fit, decode_tree, describe_fit, find_split_dirs, most_common_size,
+                              parse_size, report_bad, scan)
+    from .lazy import LazyImageFolder, estimate_stats
 
     if data_dir is None:
         raise DataError("imagefolder needs a folder: pass --data-dir DIR (DIR/<class>/<image>.jpg, or "
-                        "DIR/train/<class>/... and DIR/val/<class>/...)")
+                        "DIR/train/<class>/... and DIR/val/<class>/... and/or DIR/test/<class>/...)")
+    check_fit(fit)
+    if lazy not in ("auto", True, False):
+        raise ConfigError(f"lazy must be auto, true or false, got {lazy!r}")
+    say = report or (lambda text: None)
     root = Path(data_dir).expanduser()
-    split = find_split_dirs(root)
-    if split is None:
-        x, y, classes, bad, cached = decode_tree(root, image_size, in_chans, fit, cache)
-        report_bad(bad, on_bad_image)
-        if x.shape[0] == 0:
-            raise DataError(f"no readable image in {root}: every image failed to decode; check the files")
-        tr, va = stratified_split(y.numpy(), val_fraction, split_seed)
-        xt, yt, xv, yv = x[tr], y[tr], x[va], y[va]
-        meta.update(root=str(root), split="held-out val_fraction", from_cache=cached)
+    say(f"imagefolder {root}: listing images ...")
+    dirs = find_split_dirs(root) or {"all": root}
+    size_hw = parse_size(image_size)
+    listing = {name: scan(d) for name, d in dirs.items()}
+    n_files = sum(len(files) for _, files in listing.values())
+    bad_sizes: dict = {}
+    if size_hw is None:
+        say(f"  reading {n_files:,} image headers for the most common size (--img-size N skips this) ...")
+        first = listing.get("train", listing.get("all"))
+        size_hw = most_common_size(dirs.get("train", root), [f[0] for f in first[1]], bad_sizes)
+    decoded_mb = n_files * in_chans * size_hw[0] * size_hw[1] / 2**20
+    use_lazy = lazy is True or (lazy == "auto" and decoded_mb > float(memory_budget_mb))
+    say(f"imagefolder {root}: {n_files:,} images in {', '.join(f'{k}/' for k in dirs if k != 'all') or 'one tree'}"
+        f", {decoded_mb:,.0f} MB decoded at {size_hw[0]}x{size_hw[1]} -> "
+        + ("decoded on the fly by loader workers" if use_lazy else "decoded into memory"))
+
+    def one_split(name):
+        d = dirs[name]
+        if use_lazy:
+            classes, files = listing[name]
+            ds = LazyImageFolder([f[0] for f in files], [f[1] for f in files], size_hw, in_chans, fit, on_bad_image)
+            return ds, classes, [], False, None
+        x, y, classes, bad, cached, shapes = decode_tree(d, size_hw, in_chans, fit, cache, report=report)
+        return ImageDataset(x, y), classes, bad, cached, shapes
+
+    parts = {name: one_split(name) for name in dirs}
+    bad = [b for p in parts.values() for b in p[2]]
+    report_bad(bad, on_bad_image)
+    shapes = [p[4] for p in parts.values() if p[4]]
+    if shapes:
+        total = {k: sum(s[k] for s in shapes) for k in shapes[0]}
+        meta["fit"] = describe_fit(total, size_hw, fit)
     else:
-        tdir, vdir = split
-        xt, yt, classes, bad, c1 = decode_tree(tdir, image_size, in_chans, fit, cache)
-        size = image_size or (int(xt.shape[2]), int(xt.shape[3]))
-        xv, yv, vclasses, vbad, c2 = decode_tree(vdir, size, in_chans, fit, cache)
-        extra = sorted(set(vclasses) - set(classes))
-        if extra:
-            raise DataError(f"{vdir} has classes {', '.join(extra)} that {tdir} lacks: the val classes must be "
-                            f"a subset of the train classes")
-        remap = torch.tensor([classes.index(c) for c in vclasses], dtype=torch.int64)
-        yv = remap[yv]
-        bad = bad + vbad
-        report_bad(bad, on_bad_image)
-        if xt.shape[0] == 0 or xv.shape[0] == 0:
-            raise DataError(f"no readable image in {tdir if xt.shape[0] == 0 else vdir}: check the files")
-        meta.update(root=str(root), split=f"{tdir.name}/ + {vdir.name}/", from_cache=c1 and c2)
+        meta["fit"] = (f"decoded on the fly: shorter side resized to {min(size_hw)} and centre-cropped to "
+                       f"{size_hw[0]}x{size_hw[1]}, aspect kept" if fit == "center_crop" else
+                       f"decoded on the fly: resized to {size_hw[0]}x{size_hw[1]} (fit=squash: aspect NOT kept)")
+    say(f"  {meta['fit']}")
+    meta.update(root=str(root), lazy=use_lazy, from_cache=all(p[3] for p in parts.values()))
     meta["skipped"] = [p for p, _ in bad]
-    return xt, yt, xv, yv, classes
+    if "all" in parts:
+        ds, classes = parts["all"][0], parts["all"][1]
+        if len(ds) == 0:
+            raise DataError(f"no readable image in {root}: every image failed to decode; check the files")
+        tr, va = stratified_split(ds.labels.numpy(), val_fraction, split_seed)
+        train, val, test, val_name = ds.subset(tr), ds.subset(va), None, "val"
+        meta["split"] = "held-out val_fraction"
+    else:
+        classes = parts["train"][1]
+        out = {}
+        for name in ("val", "test"):
+            if name not in parts:
+                continue
+            ds, vclasses = parts[name][0], parts[name][1]
+            extra = sorted(set(vclasses) - set(classes))
+            if extra:
+                raise DataError(f"{dirs[name]} has classes {', '.join(extra)} that {dirs['train']} lacks: the "
+                                f"{name} classes must be a subset of the train classes")
+            remap = torch.tensor([classes.index(c) for c in vclasses], dtype=torch.int64)
+            ds.labels = remap[ds.labels]
+            out[name] = ds
+        for name, ds in [("train", parts["train"][0]), *out.items()]:
+            if len(ds) == 0:
+                raise DataError(f"no readable image in {dirs[name]}: check the files")
+        train = parts["train"][0]
+        # the split evaluated during training is val/ when there is one, else test/ (named test)
+        val_name = "val" if "val" in out else "test"
+        val, test = out[val_name], out.get("test") if val_name == "val" else None
+        meta["split"] = " + ".join(f"{n}/" for n in dirs)
+    stats = estimate_stats(train) if use_lazy else None
+    return train, val, test, val_name, classes, stats

@@ -65,10 +65,28 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     meta: dict = field(default_factory=dict)
+    test: object = None       # a test/ split held beside val/ (image folders with both)
+    val_name: str = "val"     # what the held-out split is called on disk: 'val' or 'test'
+
+    def split(self, name: str | None):
+        """The split called ``name`` ('train', 'val', 'test'; None: the held-out split), as on disk."""
+        from ..errors import DataError
+
+        name = name or self.val_name
+        if name == "train":
+            return self.train
+        if name == self.val_name:
+            return self.val
+        if name == "test" and self.test is not None:
+            return self.test
+        have = ["train", self.val_name] + (["test"] if self.test is not None else [])
+        raise DataError(f"{self.name} has no {name!r} split (it has {', '.join(have)}); use --split "
+                        f"{self.val_name}" + (" (put the images in a test/ folder beside train/ for a test split)"
+                                              if name == "test" else ""))
 
     def summary(self) -> str:
         h, w = self.native_size
-        return (f"{self.name}: {len(self.train)} train / {len(self.val)} val images, "
+        return (f"{self.name}: {len(self.train)} train / {len(self.val)} {self.val_name} images, "
                 f"{self.num_classes} classes, {self.in_chans}x{h}x{w}")
 
 

@@ -1,10 +1,13 @@
 """Any folder of class sub-folders of images (``root/<class>/<image>``), decoded once into memory.
 
-If ``root`` has ``train/`` and ``val/`` (or ``test/``) sub-folders, each is such a folder and
-they are the splits; otherwise the caller holds out a seeded stratified ``val_fraction``.
-Every image is decoded with PIL, converted to RGB (or grey with ``in_chans=1``) and resized to one
-fixed size (``image_size``; by default the most common size in the folder), so the whole set is a
-single uint8 tensor the training loop indexes and augments in batches.
+If ``root`` has ``train/`` and ``val/`` and/or ``test/`` sub-folders, each is such a folder and
+they are the splits, named as on disk; otherwise the caller holds out a seeded stratified
+``val_fraction``. Every image is decoded with PIL, converted to RGB (or grey with ``in_chans=1``)
+and brought to one fixed size (``image_size``: the training size; by default the most common size
+in the folder) without distorting it: the shorter side is resized, then the centre is cropped
+(``fit='center_crop'``, the default; ``fit='squash'`` resizes both sides and is opt-in). Small sets
+become a single uint8 tensor the training loop indexes and augments in batches; sets whose decoded
+size exceeds a budget are decoded on the fly instead (:mod:`vitlab.data.lazy`).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +27,7 @@ import torch
 from ..errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-CACHE_VERSION = 2  # 2: 16-bit, transparent and EXIF-rotated images decoded as shown (see to_mode)
+CACHE_VERSION = 3  # 2: 16-bit, transparent and EXIF-rotated images decoded as shown (see to_mode); 3: records the shapes of the originals
 MAX_LISTED_WARNINGS = 20
 
 
@@ -63,6 +67,12 @@ def _orientation(im) -> int:
         return int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
     except Exception:  # a damaged EXIF block: show the pixels as stored
         return 1
+
+
+def check_fit(fit: str) -> None:
+    if fit not in ("squash", "center_crop"):
+        raise ConfigError(f"fit must be 'center_crop' (shorter side resized, centre cut out: aspect kept) or "
+                          f"'squash' (both sides resized: aspect not kept), got {fit!r}")
 
 
 def _header_size(path: str):
@@ -106,12 +116,16 @@ def to_mode(im, mode: str):
     return im if im.mode == mode else im.convert(mode)
 
 
-def _decode(path: str, size_hw: tuple[int, int], mode: str, fit: str):
-    """uint8 (H, W, C) array of one image, or the exception that made it unreadable."""
+def decode_image(path, size_hw: tuple[int, int], mode: str, fit: str = "center_crop", with_size: bool = False):
+    """uint8 (H, W, C) array of one image (a path or a binary file object), or the exception that
+    made it unreadable. ``fit='center_crop'``: the shorter side is resized to the target's and the
+    centre cut out, so nothing is squashed. ``with_size``: also return the original (W, H)."""
     from PIL import Image, ImageOps
     h, w = size_hw
+    orig = None
     try:
         with Image.open(path) as im:
+            orig = im.size
             # JPEG draft mode decodes at 1/2, 1/4, 1/8 scale when the target is that much smaller:
             # far less work for large photos, same result after the final resize.
             turned = _orientation(im) in _SWAPS_SIDES
@@ -124,8 +138,12 @@ def _decode(path: str, size_hw: tuple[int, int], mode: str, fit: str):
                     im = im.resize((w, h), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except Exception as e:  # truncated data, bad markers, unsupported variants...: a bad image
-        return e
-    return arr if arr.ndim == 3 else arr[:, :, None]
+        return (e, orig) if with_size else e
+    arr = arr if arr.ndim == 3 else arr[:, :, None]
+    return (arr, orig) if with_size else arr
+
+
+_decode = decode_image
 
 
 def _workers() -> int:
@@ -160,29 +178,46 @@ def _cache_key(root: Path, files, size_hw, mode, fit) -> str:
     return h.hexdigest()[:32]
 
 
-def decode_tree(root: Path, image_size=None, in_chans: int = 3, fit: str = "squash", cache: bool = True):
+def parse_size(image_size) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    size_hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size_hw) != 2 or min(size_hw) < 1:
+        raise ConfigError(f"image_size must be a positive int or (H, W), got {image_size!r}")
+    return (int(size_hw[0]), int(size_hw[1]))
+
+
+def most_common_size(root: Path, paths: list[str], bad: dict) -> tuple[int, int]:
+    """(H, W) most frequent among the images' headers (read only, cheap); unreadable ones go to ``bad``."""
+    with ThreadPoolExecutor(_workers()) as pool:
+        sizes = list(pool.map(_header_size, paths))
+    for p, s in zip(paths, sizes):
+        if isinstance(s, Exception):
+            bad[p] = f"{type(s).__name__}: {s}"
+    counts = Counter(s for s in sizes if not isinstance(s, Exception))
+    if not counts:
+        raise DataError(f"no readable image in {root}: every file failed to open (first: {next(iter(bad))})")
+    w, h = counts.most_common(1)[0][0]
+    return (h, w)
+
+
+def decode_tree(root: Path, image_size=None, in_chans: int = 3, fit: str = "center_crop", cache: bool = True,
+                report=None):
     """Decode one class-folder tree. Returns (images uint8 (N,C,H,W), labels, class_names,
     bad: list[(path, reason)], from_cache: bool).
 
     Decoding thousands of JPEGs costs seconds each run; the decoded array is cached as an
     uncompressed .npz (loads at disk speed) keyed by the files' sizes and mtimes, so a second
-    load of an unchanged folder is close to instant.
+    load of an unchanged folder is close to instant. ``report(text)`` hears about the progress.
     """
     if in_chans not in (1, 3):
         raise ConfigError(f"in_chans must be 1 (grey) or 3 (RGB) for imagefolder, got {in_chans}")
-    if fit not in ("squash", "center_crop"):
-        raise ConfigError(f"fit must be 'squash' (resize, aspect not kept) or 'center_crop', got {fit!r}")
+    check_fit(fit)
     mode = "RGB" if in_chans == 3 else "L"
     classes, files = scan(root)
     bad: dict[str, str] = {}
     paths = [f[0] for f in files]
-
-    if image_size is not None:
-        size_hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if len(size_hw) != 2 or min(size_hw) < 1:
-            raise ConfigError(f"image_size must be a positive int or (H, W), got {image_size!r}")
-    else:
-        size_hw = None
+    size_hw = parse_size(image_size)
 
     key = _cache_key(root, files, size_hw or "most-common", mode, fit)
     cdir = _cache_dir(root) if cache else None
@@ -193,40 +228,45 @@ def decode_tree(root: Path, image_size=None, in_chans: int = 3, fit: str = "squa
                 images = torch.from_numpy(z["images"])
                 labels = torch.from_numpy(z["labels"])
                 bad_list = [tuple(x) for x in json.loads(str(z["bad"]))]
-            return images, labels, classes, bad_list, True
+                shapes = json.loads(str(z["shapes"])) if "shapes" in z else {}
+            return images, labels, classes, bad_list, True, shapes
+
         except Exception:  # an unreadable cache (interrupted write, old format) is rebuilt
             pass
 
     if size_hw is None:
         # The most common size: read the headers only (cheap), the full decode comes once.
-        with ThreadPoolExecutor(_workers()) as pool:
-            sizes = list(pool.map(_header_size, paths))
-        for p, s in zip(paths, sizes):
-            if isinstance(s, Exception):
-                bad[p] = f"{type(s).__name__}: {s}"
-        counts = Counter(s for s in sizes if not isinstance(s, Exception))
-        if not counts:
-            raise DataError(f"no readable image in {root}: every file failed to open (first: {next(iter(bad))})")
-        w, h = counts.most_common(1)[0][0]
-        size_hw = (h, w)
+        size_hw = most_common_size(root, paths, bad)
 
     h, w = size_hw
     out = np.empty((len(files), h, w, in_chans), dtype=np.uint8)
     ok = np.zeros(len(files), dtype=bool)
+    orig = [None] * len(files)
+    done = [0]
+    t0 = time.monotonic()
+    last = [t0]
 
     def work(i):
         p = paths[i]
         if p in bad:
             return
-        r = _decode(p, size_hw, mode, fit)
+        r, orig[i] = _decode(p, size_hw, mode, fit, with_size=True)
         if isinstance(r, Exception):
             bad[p] = f"{type(r).__name__}: {r}"
         else:
             out[i] = r
             ok[i] = True
+        done[0] += 1
+        now = time.monotonic()
+        if report is not None and now - last[0] >= 10:  # the decoding phase, as it happens
+            last[0] = now
+            report(f"  decoding {root}: {done[0]:,}/{len(files):,} images ({done[0] / (now - t0):,.0f}/s)")
 
+    if report is not None:
+        report(f"decoding {len(files):,} images of {root} to {h}x{w} ...")
     with ThreadPoolExecutor(_workers()) as pool:
         list(pool.map(work, range(len(files))))
+    shapes = shape_counts([o for o, k in zip(orig, ok) if k], size_hw)
     images = torch.from_numpy(out[ok]).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([f[1] for f in files], dtype=torch.int64)[torch.from_numpy(ok)]
     bad_list = sorted(bad.items())
@@ -236,14 +276,54 @@ def decode_tree(root: Path, image_size=None, in_chans: int = 3, fit: str = "squa
         try:
             fd, tmp = tempfile.mkstemp(dir=cdir, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, images=images.numpy(), labels=labels.numpy(), bad=np.array(json.dumps(bad_list)))
+                np.savez(f, images=images.numpy(), labels=labels.numpy(), bad=np.array(json.dumps(bad_list)),
+                         shapes=np.array(json.dumps(shapes)))
             os.replace(tmp, cfile)
         except OSError:
             try:
                 os.unlink(tmp)
             except (OSError, UnboundLocalError):
                 pass
-    return images, labels, classes, bad_list, False
+    return images, labels, classes, bad_list, False, shapes
+
+
+def shape_counts(sizes, size_hw) -> dict:
+    """How many images kept their shape, were portrait or landscape relative to the target: what
+    the user is told was done to them."""
+    h, w = size_hw
+    out = {"same": 0, "resized": 0, "portrait": 0, "landscape": 0}
+    target = w / h
+    for s in sizes:
+        if s is None:
+            continue
+        iw, ih = s
+        if (iw, ih) == (w, h):
+            out["same"] += 1
+            continue
+        out["resized"] += 1
+        a = iw / ih
+        if a < target * 0.99:
+            out["portrait"] += 1
+        elif a > target * 1.01:
+            out["landscape"] += 1
+    return out
+
+
+def describe_fit(shapes: dict, size_hw, fit: str) -> str:
+    """One line on what was done to the images (the user should never have to guess)."""
+    h, w = size_hw
+    if not shapes or not shapes.get("resized"):
+        return f"images kept at {h}x{w}"
+    other = []
+    if shapes.get("portrait"):
+        other.append(f"{shapes['portrait']:,} portrait")
+    if shapes.get("landscape"):
+        other.append(f"{shapes['landscape']:,} landscape")
+    if fit == "squash":
+        how = f"resized to {h}x{w} (both sides: aspect NOT kept, fit=squash)"
+    else:
+        how = f"resized (shorter side {min(h, w)}) and centre-cropped to {h}x{w} (aspect kept)"
+    return f"{shapes['resized']:,} images {how}" + (f"; {', '.join(other)} (relative to {h}x{w})" if other else "")
 
 
 def report_bad(bad: list[tuple[str, str]], on_bad_image: str) -> None:
@@ -263,9 +343,11 @@ def report_bad(bad: list[tuple[str, str]], on_bad_image: str) -> None:
                   stacklevel=3)
 
 
-def find_split_dirs(root: Path) -> tuple[Path, Path] | None:
+def find_split_dirs(root: Path) -> dict[str, Path] | None:
+    """{'train': ..., 'val': ..., 'test': ...} of the split folders present on disk (train and at
+    least one of val/test), or None for a plain class-folder tree."""
     train = root / "train"
-    for name in ("val", "test"):
-        if train.is_dir() and (root / name).is_dir():
-            return train, root / name
-    return None
+    found = {name: root / name for name in ("val", "test") if (root / name).is_dir()}
+    if not train.is_dir() or not found:
+        return None
+    return {"train": train, **found}

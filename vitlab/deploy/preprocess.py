@@ -33,8 +33,8 @@ def spec_from_info(info: dict, mean=None, std=None, dynamic_size: bool = False) 
         "version": SPEC_VERSION,
         "size": _size_hw(info["img_size"]),          # (H, W) the model was trained at
         "dynamic_size": bool(dynamic_size),           # the file also takes other sizes (multiples of the patch)
-        "resize": "bilinear, antialiased, whole image to size (aspect ratio not kept)",
-        "crop": None,
+        "resize": "shorter side to the size's, bilinear (aspect ratio kept), as training decodes image folders",
+        "crop": "center",
         "channels": int(info["in_chans"]),
         "color": "L" if int(info["in_chans"]) == 1 else "RGB",
         "scale": 1 / 255,                             # uint8 -> [0, 1] before normalising

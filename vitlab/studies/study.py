@@ -260,6 +260,16 @@ def training_flops_per_image(cfg_dict: dict) -> int:
     return 3 * forward_flops_per_image(cfg_dict)
 
 
+def _images_seen(steps: int, batch: int, n_train: int | None, drop_last: bool) -> int:
+    """Images the run trained on: whole batches, except each epoch's last, partial one (runs before
+    drop_last existed, and drop_last=true, dropped it)."""
+    if drop_last or not n_train:
+        return steps * batch
+    per_epoch = -(-int(n_train) // batch)
+    epochs, rest = divmod(steps, per_epoch)
+    return epochs * int(n_train) + rest * batch
+
+
 def collect_row(out: Path, spec: RunSpec) -> dict:
     import yaml
 
@@ -271,7 +281,8 @@ def collect_row(out: Path, spec: RunSpec) -> dict:
         extra = json.loads((run_dir / "study_run.json").read_text())
     except (OSError, ValueError):
         pass
-    images_seen = int(s["steps"]) * int(cfg["batch_size"])
+    images_seen = _images_seen(int(s["steps"]), int(cfg["batch_size"]), extra.get("train_images"),
+                               bool(cfg.get("drop_last", True)))
     fwd = forward_flops_per_image(cfg)
     fb = 3 * fwd  # see training_flops_per_image
     row = {"run": spec.name, **spec.columns,

@@ -59,6 +59,8 @@ def _load_eval_data(info: dict, dataset: str | None, data_dir: str | None, data_
     options.update(data_options or {})
     if name != "synthetic" or "in_chans" not in options:
         options.setdefault("in_chans", info["in_chans"])
+    if name in ("imagefolder", "shards"):
+        options.setdefault("image_size", info["img_size"])  # the model's size, cropped as in training
     return load_dataset(name, data_dir if data_dir is not None else (cfg.get("data_dir") if same else None),
                         val_fraction=cfg.get("val_fraction", 0.1), split_seed=cfg.get("split_seed", 0),
                         on_bad_image=cfg.get("on_bad_image", "skip"), **options)
@@ -75,17 +77,18 @@ def _logits(model, dataset, transform, device, batch_size: int) -> torch.Tensor:
 
 
 def evaluate(run_or_checkpoint: str | Path, dataset: str | None = None, data_dir: str | None = None, *,
-             split: str = "val", batch_size: int = 512, out: str | Path | None = None, which: str = "last",
+             split: str | None = None, batch_size: int = 512, out: str | Path | None = None, which: str = "last",
              ema: bool | None = None, device: str = "cpu", data_options: dict | None = None,
              plot: bool = True) -> dict[str, Any]:
     """Accuracy, mean cross-entropy, per-class accuracy and the confusion matrix of a trained
-    model on a data set's `split` ('val' or 'train'); by default the run's own data set and
-    held-out split. Writes eval.json and confusion.png into `out` (default: <run>/eval-<data>)."""
+    model on a data set's `split` ('train', 'val' or 'test', named as on disk: an image folder's test/
+    folder is 'test'); by default the run's own data set and held-out split. Writes eval.json and
+    confusion.png into `out` (default: <run>/eval-<data>-<split>)."""
     from ..data import AugmentConfig, BatchTransform
     from .distributed import resolve_device
 
-    if split not in ("val", "train"):
-        raise ConfigError(f"split={split!r} is not valid; choose val or train")
+    if split not in (None, "val", "train", "test"):
+        raise ConfigError(f"split={split!r} is not valid; choose train, val or test")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be a positive integer (e.g. --batch-size 512)")
     out_dir = Path(out) if out is not None else None
@@ -99,7 +102,8 @@ def evaluate(run_or_checkpoint: str | Path, dataset: str | None = None, data_dir
         raise ConfigError(f"the model predicts {info['num_classes']} classes but {bundle.name} has "
                           f"{bundle.num_classes}; fine-tune it first: vitlab finetune {run_or_checkpoint} "
                           f"--dataset {bundle.name}")
-    data = bundle.val if split == "val" else bundle.train
+    data = bundle.split(split)
+    split = split or bundle.val_name
     # the preprocessing the model was trained with: its own size and normalisation
     tf = BatchTransform(AugmentConfig(img_size=info["img_size"]), info["mean"] or bundle.mean,
                         info["std"] or bundle.std, bundle.num_classes, train=False)
@@ -310,35 +314,42 @@ def _matching_config(cfg: TrainConfig, model) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------- prediction
-def _read_image(path: str | Path, in_chans: int) -> torch.Tensor:
+def _read_image(path: str | Path, in_chans: int, size: int | tuple[int, int] | None = None) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
-    from ..data.imagefolder import to_mode
+    from ..data.imagefolder import decode_image, to_mode
 
     p = Path(path)
     if p.is_dir():
         raise DataError(f"{str(p)!r} is a folder, not an image; pass image files (e.g. {str(p / '*.jpg')!r})")
     if not p.is_file():
         raise DataError(f"image {str(p)!r} does not exist; pass paths of image files (JPEG, PNG, ...)")
+    if in_chans not in (1, 3):
+        raise DataError(f"the model takes {in_chans}-channel images; predict reads grey (1) or RGB (3) images only")
+    mode = "L" if in_chans == 1 else "RGB"
+    if size is not None:
+        # the decoder image folders use for training: shorter side resized, centre cut out
+        size_hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        arr = decode_image(str(p), size_hw, mode, "center_crop")
+        if isinstance(arr, Exception):
+            raise DataError(f"cannot read image {str(p)!r} ({type(arr).__name__}: {arr}); pass a valid image file")
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     try:
         with Image.open(p) as im:
-            im = to_mode(im, "L" if in_chans == 1 else "RGB")
+            im = to_mode(im, mode)
             arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
             h, w = im.height, im.width
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {str(p)!r} ({type(e).__name__}: {e}); pass a valid image file") from None
-    c = 1 if in_chans == 1 else 3
-    x = arr.view(h, w, c).permute(2, 0, 1).contiguous()
-    if in_chans not in (1, 3):
-        raise DataError(f"the model takes {in_chans}-channel images; predict reads grey (1) or RGB (3) images only")
-    return x
+    return arr.view(h, w, 1 if in_chans == 1 else 3).permute(2, 0, 1).contiguous()
 
 
 @torch.no_grad()
 def predict(checkpoint: str | Path, images: Sequence[str | Path], topk: int = 5, which: str = "last",
             ema: bool | None = None, device: str = "cpu") -> list[dict]:
     """Top-k classes with probabilities for each image file, with the evaluation
-    preprocessing the model was trained with (resize to its size, its normalisation)."""
+    preprocessing the model was trained with (shorter side resized to its size and the centre cut
+    out, as image folders are decoded for training; its normalisation)."""
     from ..data import AugmentConfig, BatchTransform
     from .distributed import resolve_device
 
@@ -354,7 +365,8 @@ def predict(checkpoint: str | Path, images: Sequence[str | Path], topk: int = 5,
     k = info["num_classes"]
     names = list(info.get("class_names") or [str(i) for i in range(k)])
     tf = BatchTransform(AugmentConfig(img_size=info["img_size"]), info["mean"], info["std"], k, train=False)
-    batch = [tf(_read_image(p, info["in_chans"])[None], torch.zeros(1, dtype=torch.int64))[0] for p in images]
+    batch = [tf(_read_image(p, info["in_chans"], info["img_size"])[None], torch.zeros(1, dtype=torch.int64))[0]
+             for p in images]
     logits = model(torch.cat(batch).to(dev)).float()
     _check_finite(logits, info)
     probs = logits.softmax(dim=-1).cpu()

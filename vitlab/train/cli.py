@@ -82,7 +82,7 @@ def register(sub) -> None:
                    help="YAML config file, see configs/ (default: none, the defaults listed below)")
     p.add_argument("--model", help="model variant, e.g. vit_nano_p2, vit_micro_p4, vit_b16 (`vitlab models`) "
                                    f"(default: {_default('model')})")
-    p.add_argument("--dataset", help="digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic "
+    p.add_argument("--dataset", help="digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, shards, synthetic "
                                      f"(default: {_default('dataset')})")
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder with the data set's files (default: where the loader looks, see the README)")
@@ -111,7 +111,8 @@ def register(sub) -> None:
     e.add_argument("checkpoint", metavar="RUN_or_CHECKPOINT", help="run directory or .safetensors file")
     e.add_argument("--dataset", help="data set to evaluate on (default: the run's)")
     e.add_argument("--data-dir", metavar="DIR", help="folder with the data set's files (default: the run's)")
-    e.add_argument("--split", default="val", choices=("val", "train"), help="which split (default: %(default)s)")
+    e.add_argument("--split", default=None, choices=("train", "val", "test"),
+                   help="which split, named as on disk (default: the held-out split: val/, else test/)")
     e.add_argument("--batch-size", type=int, default=512, help="evaluation batch size (default: %(default)s)")
     e.add_argument("--best", action="store_true",
                    help="the run's best checkpoint instead of the last (default: off, the last)")

@@ -41,8 +41,10 @@ class TrainConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     train_fraction: float = 1.0
-    on_bad_image: str = "skip"
+    on_bad_image: str = "skip"         # also: a corrupt sample in a WebDataset shard
     allow_single_class: bool = False   # a classification set with one class is an error unless set
+    drop_last: bool = False            # drop each epoch's last partial batch (false: every image is used)
+    workers: int | None = None         # data loader worker processes (lazy folders, shards); None: from the cores
     img_size: int | None = None        # None: the data's native size
     num_classes: int | None = None     # filled in from the data (recorded for checkpoints)
     in_chans: int | None = None        # filled in from the data
@@ -186,6 +188,8 @@ class TrainConfig:
         need(0 < self.train_fraction <= 1, f"train_fraction={self.train_fraction} must be in (0, 1]")
         need(self.img_size is None or self.img_size >= 1, f"img_size={self.img_size} must be a positive integer")
         need(self.threads >= 0, f"threads={self.threads} must be >= 0 (0: every core)")
+        need(self.workers is None or self.workers >= 0, f"workers={self.workers} must be >= 0 (0: no worker "
+             f"processes; null: chosen from the cores)")
         need(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps} must be at least 1")
         for name in ("drop_path", "dropout"):
@@ -391,14 +395,16 @@ FIELD_HELP = {
     "model_kwargs": "constructor overrides, e.g. model_kwargs.pos_embed=sincos_2d",
     "drop_path": "stochastic depth rate (null: the variant's)",
     "dropout": "dropout rate (null: the variant's)",
-    "dataset": "digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic",
+    "dataset": "digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, shards, synthetic",
     "data_dir": "folder with the data set's files",
     "data_options": "extra loader options, e.g. data_options.image_size=64",
     "val_fraction": "held-out fraction for data sets without an official test split",
     "split_seed": "seed of that held-out split",
     "train_fraction": "use a seeded stratified fraction of the training set",
-    "on_bad_image": "skip or error: what an unreadable image file does",
+    "on_bad_image": "skip or error: what an unreadable image file (or corrupt shard sample) does",
     "allow_single_class": "train a classifier on a data set with one class (an error otherwise: it learns nothing)",
+    "drop_last": "drop each epoch's last partial batch (false: it is used, so every image is seen)",
+    "workers": "data loader worker processes for lazy folders and shards (null: chosen from the cores)",
     "img_size": "training resolution (null: the data's native size)",
     "num_classes": "set from the data",
     "in_chans": "set from the data",

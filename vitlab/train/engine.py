@@ -4,8 +4,9 @@ One optimizer step = one global batch: a seeded permutation of the training set 
 is cut into batches of `batch_size`, each split into `accum_steps` micro-batches and each
 micro-batch into `world_size` equal shards, one per rank. Every rank computes the mean loss
 of its shard; DDP averages gradients over ranks and the loss is divided by `accum_steps`, so
-the update equals the one-process update on the whole global batch. Incomplete final batches
-are dropped (every step sees the same number of images).
+the update equals the one-process update on the whole global batch. The batches come from
+`vitlab.data.stream` (in memory, lazily decoded folders or WebDataset shards); with
+drop_last=false (the default) an epoch's last, partial batch is used too.
 
 The position in the data is fully determined by (seed, epoch, step in epoch), and every
 random stream (torch, numpy, python, the augmentation generator, per rank) is saved in the
@@ -22,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -226,11 +226,14 @@ def merge_resume_config(saved: TrainConfig, given: TrainConfig) -> TrainConfig:
     return merged
 
 
-def load_data(cfg: TrainConfig):
+def load_data(cfg: TrainConfig, report=None):
     from ..data import load_dataset
 
+    options = dict(cfg.data_options)
+    if cfg.dataset in ("imagefolder", "shards") and cfg.img_size and "image_size" not in options:
+        options["image_size"] = int(cfg.img_size)  # decode at the training size, not the files' own
     return load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                        on_bad_image=cfg.on_bad_image, train_fraction=cfg.train_fraction, **cfg.data_options)
+                        on_bad_image=cfg.on_bad_image, train_fraction=cfg.train_fraction, report=report, **options)
 
 
 def make_transforms(cfg: TrainConfig, bundle, img_size: int):
@@ -400,7 +403,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
 
     # ------------------------------------------------------------ data, model, objective
     seed_everything(cfg.seed)
-    bundle = bundle or load_data(cfg)
+    bundle = bundle or load_data(cfg, report=print if verbose and info.is_main else None)
     _check_classes(cfg, bundle)
     img_size = resolve_img_size(cfg, bundle)
     cfg = dataclasses.replace(cfg, img_size=img_size, num_classes=int(bundle.num_classes),
@@ -418,16 +421,18 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
             init_notes = init_from_source(model, cfg.init_from)
         if hasattr(objective, "prepare_model"):
             model = objective.prepare_model(model) or model
-    n_train = len(bundle.train.labels)
     B, A, W = cfg.batch_size, cfg.accum_steps, info.world_size
-    steps_per_epoch = n_train // B
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size={B} is larger than the training set ({n_train} images); "
-                          f"use batch_size <= {n_train // (W * A) * W * A or W * A}")
+    if resume and "drop_last" not in resume["state"]["config"]:
+        cfg = dataclasses.replace(cfg, drop_last=True)  # a run from before the option dropped partial batches
+    from ..data.stream import make_train_data
+
+    train_data = make_train_data(bundle, batch_size=B, accum_steps=A, world_size=W, rank=info.rank, seed=cfg.seed,
+                                 drop_last=cfg.drop_last, workers=cfg.workers, permutation=epoch_permutation,
+                                 report=print if verbose and info.is_main else None)
+    n_train, steps_per_epoch = train_data.n_train, train_data.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
     warmup = min(warmup, total_steps)
-    micro, local = B // A, B // (A * W)
 
     device = info.device
     amp_dtype = cfg.amp_dtype(device.type)
@@ -493,6 +498,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                                       "ema_decay=0 or start a new run")
             ema.load_state_dict(ema_w)
         start_step = int(state["step"])
+        train_data.restore(state.get("data_position"))
         best = state.get("best")
         prior_wall = float(state.get("wall_s", 0.0))
         sums = state.get("sums")
@@ -518,7 +524,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     params = [p for p in raw.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in raw.parameters()) if not cfg.fsdp else None
 
-    log.line(f"run {run_dir}: {cfg.model} on {cfg.dataset} ({n_train} train / {len(bundle.val.labels)} val, "
+    log.line(f"run {run_dir}: {cfg.model} on {cfg.dataset} ({n_train} train / {len(bundle.val.labels)} "
+             f"{bundle.val_name}, "
              f"{cfg.num_classes} classes, {img_size}x{img_size}x{cfg.in_chans}), {plural(cfg.epochs, 'epoch')} x "
              f"{plural(steps_per_epoch, 'step')} of {B} images, {cfg.optimizer} lr {cfg.lr:g}, {W} process(es) on {device.type}"
              + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else "")
@@ -528,8 +535,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
 
     for note in init_notes:
         log.line(note)
+    log.line(train_data.describe())
     train_tf, eval_tf = make_transforms(cfg, bundle, img_size)
-    images, labels = bundle.train.images, bundle.train.labels
 
     # running sums since the last evaluation (saved in checkpoints: mid-epoch resume keeps them)
     sums = sums or {"loss": 0.0, "steps": 0, "images": 0, "train_s": 0.0, "metrics": {}}
@@ -544,13 +551,15 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     stop_signal = 0
     skipped = int(resume["state"].get("skipped_steps", 0)) if resume else 0  # non-finite steps (on_nonfinite=skip)
     skipped_in_a_row = 0
-    log.start_bar(total_steps, step, "train", cfg.progress)
+    from .progress import Progress
+
+    progress = Progress(log, total_steps, step, B, cfg.progress)
     interrupt = _GracefulStop()
 
     def _diverged(what: str) -> TrainingDiverged:
         """The error that stops a diverged run: where, the likely cause, and that the last good
         checkpoint (never overwritten by non-finite weights) is what --resume and eval use."""
-        log.stop_bar()
+        progress.stop()
         last = ckpt.last_step(run_dir / "checkpoints")
         hints = [f"the learning rate lr={cfg.lr:g} is too high for this model (try lr={cfg.lr / 10:g})"]
         if cfg.grad_clip <= 0:
@@ -591,6 +600,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
         """Collective: every rank takes part (RNG gather, FSDP gathers); rank 0 writes."""
         flush_steps()
         rng = D.all_gather_object(rng_state(aug_gen), info)
+        data_pos = D.all_gather_object(train_data.position(), info)
         weights = D.full_model_state(raw, cfg.fsdp)
         optim_sd = D.full_optim_state(raw, optimizer, cfg.fsdp)
         if info.is_main:
@@ -598,8 +608,9 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                      "steps_per_epoch": steps_per_epoch, "optimizer": optim_sd,
                      "scheduler": {"step": step, "total_steps": total_steps, "warmup_steps": warmup,
                                    "schedule": cfg.schedule},
-                     "rng": rng, "threads": threads, "config": cfg.to_dict(), "best": best, "sums": sums,
-                     "skipped_steps": skipped, "wall_s": prior_wall + time.perf_counter() - wall0}
+                     "rng": rng, "data_position": data_pos, "threads": threads, "config": cfg.to_dict(),
+                     "best": best, "sums": sums, "skipped_steps": skipped,
+                     "wall_s": prior_wall + time.perf_counter() - wall0}
             ckpt.save_checkpoint(run_dir / "checkpoints", step, weights, _meta(cfg, bundle, step, epoch_done), state,
                                  ema.state_dict() if ema is not None else None)
         D.barrier(info)
@@ -658,22 +669,17 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
     train_model.train()
     try:
         while epoch < cfg.epochs and not stop:
-            perm = epoch_permutation(n_train, cfg.seed, epoch)
             t0 = time.perf_counter()
-            s_start = step
-            for s in range(step - epoch * steps_per_epoch, steps_per_epoch):
-                batch = perm[s * B:(s + 1) * B]
+            for s, parts, n_step in train_data.epoch(epoch, step - epoch * steps_per_epoch):
                 lr = lr_at(step, base_lr=cfg.lr, min_lr=cfg.min_lr, total_steps=total_steps, warmup_steps=warmup,
                            schedule=cfg.schedule)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 step_loss = torch.zeros((), device=device)
                 step_metrics: dict[str, torch.Tensor] = {}
-                for m in range(A):
-                    shard = batch[m * micro:(m + 1) * micro][info.rank * local:(info.rank + 1) * local]
+                for m, (xb, yb) in enumerate(parts):
                     # uint8 goes to the device; the batch is augmented there
-                    x, y = train_tf(images[shard].to(device, non_blocking=True), labels[shard].to(device),
-                                    generator=aug_gen)
+                    x, y = train_tf(xb.to(device, non_blocking=True), yb.to(device), generator=aug_gen)
                     sync = contextlib.nullcontext()
                     if m < A - 1 and info.enabled and not cfg.fsdp:
                         sync = train_model.no_sync()
@@ -717,21 +723,17 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                         pending_metrics[k] = pending_metrics.get(k, 0.0) + v
                     pending_steps.append((step, lr, step_loss))
                 step += 1
-                sums["images"] += B
-                total_images += B
+                sums["images"] += n_step
+                total_images += n_step
                 if len(pending_steps) >= 50:
                     flush_steps()
-                if log._bar is not None:
-                    el = time.perf_counter() - t0
-                    log.update_bar(step, f"epoch {epoch + 1} | loss {float(step_loss):.4f} | "
-                                         f"{(step - s_start) * B / max(el, 1e-9):,.0f} img/s")
+                progress.update(step, n_step, epoch + 1, step_loss)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                     dt = time.perf_counter() - t0
                     sums["train_s"] += dt
                     total_train_s += dt
                     save(epoch)
                     t0 = time.perf_counter()
-                    s_start = step
                 if cfg.max_steps and step >= cfg.max_steps:
                     stop = True
                     break
@@ -752,7 +754,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                 save(epoch)
     finally:
         interrupt.restore()
-    log.stop_bar()
+        train_data.close()
+    progress.stop()
     flush_steps()
     if stop_signal and step < total_steps:
         msg = (f"stopped by {_signal_name(stop_signal)} at step {step} (epoch {step // steps_per_epoch + 1}): "
