@@ -61,8 +61,9 @@ class Ctx:
             from vitlab.train.config import TrainConfig
             from vitlab.train.engine import fit
 
-            # one evaluated epoch of two (a best.safetensors, a checkpoint at step 25, not finished)
-            r = fit(TrainConfig(out=str(self.root / "runs"), name="tiny", epochs=2, max_steps=25, threads=1,
+            # one evaluated epoch of two (a best.safetensors, a checkpoint at step 26, not finished): the
+            # digits training split is 26 batches of 64, the last one partial
+            r = fit(TrainConfig(out=str(self.root / "runs"), name="tiny", epochs=2, max_steps=26, threads=1,
                                 tensorboard=False, progress=False, model_kwargs=dict(TINY)), verbose=False)
             self._run = Path(r.run_dir)
         return self._run
@@ -154,7 +155,7 @@ def c_disk_full(ctx):
     real = safetensors.torch.save_file
     safetensors.torch.save_file = full  # the next checkpoint write finds the disk full
     try:
-        msg = _cli_error("train", "--resume", str(run), "max_steps=27", "progress=false", "--quiet")
+        msg = _cli_error("train", "--resume", str(run), "max_steps=28", "progress=false", "--quiet")
     finally:
         safetensors.torch.save_file = real
     from vitlab.train import checkpoint as ckpt
@@ -383,7 +384,7 @@ CASES: list[Case] = [
     Case("`eval RUN --out FILE`", "FileExistsError traceback", c_eval_out_is_file, "is a file", has("is a file")),
     Case("disk full while saving a checkpoint", "SafetensorError ... No space left on device traceback",
          c_disk_full, "no space, previous checkpoint intact",
-         has("No space left on device", "previous checkpoint (step 25) is intact", "points at step 25")),
+         has("No space left on device", "previous checkpoint (step 26) is intact", "points at step 26")),
     Case("`eval RUN --batch-size 0`", "ValueError: range() arg 3 must not be zero", c_eval_batch(0),
          "batch_size", has("batch_size=0", "positive")),
     Case("`eval RUN --batch-size -4`", "IndexError traceback", c_eval_batch(-4), "batch_size",

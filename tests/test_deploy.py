@@ -241,7 +241,7 @@ def test_predict_is_a_lazy_generator_reading_one_batch_at_a_time(digits, monkeyp
     run_dir, folder, n = digits
     reads = []
     real = pmod.read_image
-    monkeypatch.setattr(pmod, "read_image", lambda p, c: reads.append(p) or real(p, c))
+    monkeypatch.setattr(pmod, "read_image", lambda p, *a: reads.append(p) or real(p, *a))
     gen = predict_iter(run_dir, [folder], batch_size=10)
     assert reads == []  # nothing happens before the first record is asked for
     first = next(gen)

@@ -126,7 +126,7 @@ def test_a_second_trainer_and_a_resume_of_a_live_run_are_refused(tmp_path, capsy
         stdout, stderr = first.communicate(timeout=300)
     # the first run is intact: one row per step and per epoch, its own seed, exit 0
     assert first.returncode == 0, stderr
-    assert [r["step"] for r in _rows(run / "steps.jsonl")] == list(range(150))
+    assert [r["step"] for r in _rows(run / "steps.jsonl")] == list(range(156))
     assert [r["epoch"] for r in _rows(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     assert _json(run / "summary.json")["finished"] is True
     assert "seed: 0" in (run / "config.yaml").read_text()
@@ -195,7 +195,7 @@ def test_a_signal_saves_and_the_resumed_run_is_bit_identical(tmp_path, uninterru
     assert [r["step"] for r in _rows(run / "steps.jsonl")] == list(range(31))
 
     rest = fit(TrainConfig(resume=str(run)), verbose=False)
-    assert rest.summary["finished"] and rest.summary["steps"] == 50
+    assert rest.summary["finished"] and rest.summary["steps"] == 52
     assert not _same_weights(_weights(uninterrupted.run_dir), _weights(run))
     # the logs too, row for row: no step twice, none missing
     assert _rows(run / "steps.jsonl") == _rows(uninterrupted.run_dir / "steps.jsonl")
@@ -231,15 +231,15 @@ def test_sigterm_on_one_torchrun_rank_stops_every_rank_at_the_same_step(tmp_path
 
 # ---------------------------------------------------------------------------- divergence
 def test_divergence_stops_before_the_weights_and_keeps_the_last_good_checkpoint(tmp_path):
-    part = fit(tiny_cfg(tmp_path, name="d", max_steps=25), verbose=False)
+    part = fit(tiny_cfg(tmp_path, name="d", max_steps=26), verbose=False)  # one epoch: 26 steps
     files = {p: p.read_bytes() for p in (part.run_dir / "checkpoints").iterdir()}
     with pytest.raises(TrainingDiverged, match=r"not finite at step 2\d .*lr=1e\+06 is too high.*"
-                                               r"last good checkpoint \(step 25\) is unchanged"):
+                                               r"last good checkpoint \(step 26\) is unchanged"):
         fit(TrainConfig(resume=str(part.run_dir), lr=1e6), verbose=False)
     # nothing after the divergence was saved: the checkpoint --resume and eval use is the good one
     assert {p: p.read_bytes() for p in (part.run_dir / "checkpoints").iterdir()} == files
     model, info = ckpt.load_model(part.run_dir)
-    assert info["step"] == 25 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert info["step"] == 26 and all(torch.isfinite(p).all() for p in model.parameters())
     # every JSON output is JSON (the non-finite step is logged with loss null)
     rows = _rows(part.run_dir / "steps.jsonl")
     assert rows[-1]["loss"] is None and all(r["loss"] is not None for r in rows[:-1])
@@ -272,9 +272,9 @@ def test_on_nonfinite_skip_counts_skipped_steps_and_keeps_weights_finite(tmp_pat
     summary = _json(r.run_dir / "summary.json")
     rows = _rows(r.run_dir / "steps.jsonl")
     assert [x["step"] for x in rows if x["loss"] is None] == [3, 7]
-    assert summary["skipped_steps"] == 2 and summary["steps"] == 25 and summary["finished"]
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 26 and summary["finished"]
     assert all(torch.isfinite(t).all() for t in _weights(r.run_dir).values())
-    assert "note: 2 of 25 steps were skipped" in (r.run_dir / "train.log").read_text()
+    assert "note: 2 of 26 steps were skipped" in (r.run_dir / "train.log").read_text()
     # the epoch's mean loss leaves the skipped steps out (it is a number, not NaN/null)
     assert _rows(r.run_dir / "metrics.jsonl")[0]["train_loss"] == pytest.approx(
         np.mean([x["loss"] for x in rows if x["loss"] is not None]))
@@ -438,7 +438,7 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
     before = snapshot()
     assert main(["train", "--resume", str(r.run_dir)]) == 0
     out = capsys.readouterr().out
-    assert f"run {r.run_dir} is complete: it trained 1 epochs (25 steps); nothing to do" in out
+    assert f"run {r.run_dir} is complete: it trained 1 epoch (26 steps); nothing to do" in out
     assert "resuming" not in out
     assert snapshot() == before
     # asking for more epochs continues it

@@ -22,7 +22,7 @@ COMMAND_MODULES = (
     "vitlab.env_cli",         # env (what vitlab.accel found on this machine)
     "vitlab.deploy.cli",      # export (predict's options are in vitlab.train.cli)
     "vitlab.models.publish_cli",  # push (and the hf/timm formats of export)
-    "vitlab.data.cli",        # data shard, data verify
+    "vitlab.data_cli",        # data shard, data verify
 )
 
 

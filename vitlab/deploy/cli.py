@@ -121,8 +121,9 @@ def run_predict(args) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if failed:
-        print(f"vitlab predict: {failed} of {total} images could not be read (named above); "
-              f"the other {total - failed} were predicted", file=sys.stderr)
+        if failed < total:  # (when nothing was predicted, the lines above say it all)
+            print(f"vitlab predict: {failed} of {total} images could not be read (named above); "
+                  f"the other {total - failed} were predicted", file=sys.stderr)
         return 1
     return 0
 

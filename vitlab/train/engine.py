@@ -193,7 +193,10 @@ def _check_classes(cfg: TrainConfig, bundle) -> None:
     split: refuse that unless asked for (objectives without labels, e.g. mpp, are not affected)."""
     if cfg.objective != "classification" or cfg.allow_single_class:
         return
-    present = sorted({int(v) for v in torch.unique(bundle.train.labels).tolist()})
+    try:
+        present = sorted({int(v) for v in torch.unique(bundle.train.labels).tolist()})
+    except DataError:  # a streamed split (WebDataset shards) has no label tensor: its index lists the classes
+        present = list(range(int(bundle.num_classes)))
     if len(present) < 2:
         names = list(bundle.class_names)
         which = f" ({names[present[0]]!r})" if present and present[0] < len(names) else ""
@@ -320,7 +323,7 @@ def _finished_run(cfg: TrainConfig, state: dict, run_dir: Path, info: D.DistInfo
 
 def complete_message(run_dir: Path, step: int, steps_per_epoch: int) -> str:
     done = step // steps_per_epoch
-    return (f"run {run_dir} is complete: it trained {done} epochs ({step} steps); nothing to do. "
+    return (f"run {run_dir} is complete: it trained {plural(done, 'epoch')} ({plural(step, 'step')}); nothing to do. "
             f"To train it longer, pass more epochs: vitlab train --resume {run_dir} epochs={done + 1}")
 
 
