@@ -93,8 +93,8 @@ def matmul_peak_by_shape(device: str | torch.device = "cpu", dtype: torch.dtype 
     """FLOP/s of (M x K) @ (K x N) products in `dtype` on `device` for each (M, K, N) in
     `shapes`, measured now: best of `reps`, into a preallocated output (a fresh 30 MB output
     would add the C allocator's page faults to the product's time). Each shape's `reps + 1`
-    products are bounded to about `seconds`: M is halved until the predicted time fits (the
-    returned key is the shape actually measured)."""
+    products are bounded to about `seconds`: the largest side is halved until the predicted time
+    fits (the returned key is the shape actually measured)."""
     device = torch.device(device)
     if shapes is None:
         shapes = CUDA_PEAK_SHAPES if device.type == "cuda" else (
@@ -109,8 +109,13 @@ def matmul_peak_by_shape(device: str | torch.device = "cpu", dtype: torch.dtype 
             torch.mm(p, p)
             rate = 2 * 256 ** 3 / max(time.perf_counter() - t, 1e-9)
         for m, k, n in shapes:
-            while rate is not None and m > 64 and 2 * m * k * n * (reps + 1) / rate > seconds:
-                m //= 2
+            while rate is not None and max(m, k, n) > 64 and 2 * m * k * n * (reps + 1) / rate > seconds:
+                if m >= max(k, n):  # halve the largest side (M first): the product stays as square as it can
+                    m //= 2
+                elif k >= n:
+                    k //= 2
+                else:
+                    n //= 2
             a = torch.randn(m, k, device=device, dtype=dtype)
             b = torch.randn(k, n, device=device, dtype=dtype)
             c = torch.empty(m, n, device=device, dtype=dtype)
@@ -658,7 +663,7 @@ def run(args) -> int:
     print(format_table(results))
     if r0.dtype == "bf16" and torch.device(args.device).type == "cpu" and not caps.bf16_native("cpu"):
         print(f"note: bf16 is emulated on this CPU ({caps.capabilities().cpu_bf16_reason}); "
-              f"--dtype fp32 is the fast choice here")
+              f"--dtype fp32 is the fast choice here (and the % of peak means little: emulated products vary by shape)")
     if r0.dtype == "bf16" and torch.device(args.device).type == "cpu" and not args.reference:
         from vitlab.accel import kernels as cpu_kernels
         used = cpu_kernels.get() is not None
