@@ -16,7 +16,7 @@ from vitlab.studies import study as S
 
 # the mpp study exercises every kind of run: pre-training (objective mpp), training from
 # scratch, and fine-tuning from the pre-trained run of the same study
-TINY = ["pretrain_epochs=1", "fractions=0.3", "train.batch_size=128", "train.warmup_epochs=0",
+TINY = ["pretrain_epochs=1", "fractions=0.3", "seeds=0", "train.batch_size=128", "train.warmup_epochs=0",
         "train.model_kwargs.depth=1",
         "train.model_kwargs.embed_dim=32", "train.model_kwargs.num_heads=2"]
 
@@ -81,7 +81,7 @@ def test_interrupted_study_resumes_to_the_same_table(tmp_path, monkeypatch):
     assert (tmp_path / "b" / "table.csv").read_text() == ref_csv
 
     # what the table says
-    table = list(csv.DictReader(open(tmp_path / "a" / "table.csv")))
+    table = list(csv.DictReader(open(tmp_path / "a" / "runs.csv")))
     by = {r["run"]: r for r in table}
     n_full = 1797 - sum(round(0.25 * n) for n in np.bincount(load_digits().target))  # 25% held out per class
     assert int(by["mpp-pretrain"]["train_images"]) == n_full
@@ -105,7 +105,7 @@ def test_interrupted_study_resumes_to_the_same_table(tmp_path, monkeypatch):
 
 def test_options_are_checked():
     study = S.get_study("pooling")
-    params, train = S.resolve_params(study, ["lrs=1e-3,3e-3", "train.weight_decay=0.1"], epochs=3)
+    params, train = S.resolve_params(study, ["lrs=1e-3,3e-3", "seeds=0", "train.weight_decay=0.1"], epochs=3)
     assert params["lrs"] == [1e-3, 3e-3] and params["epochs"] == 3 and train == {"weight_decay": "0.1"}
     runs = study.build(params)
     assert [r.columns["pool"] for r in runs] == ["cls", "cls", "gap", "gap"]
@@ -141,3 +141,76 @@ def test_markdown_and_csv_tables():
     assert S.to_csv(rows) == "run,x,val_acc\na,1,0.5\nb,2,\n"
     md = S.to_markdown(rows).splitlines()
     assert md[0] == "| run | x | val_acc |" and md[3] == "| b | 2 | - |"
+
+
+def test_seeds_make_arms_with_mean_std_spread_and_verdict(tmp_path, monkeypatch):
+    """2 arms x 2 seeds: table.csv has one row per arm whose mean/std/spread are those of the
+    runs' own summaries, and the verdict compares the claimed difference with the spread."""
+    import statistics
+
+    def build(p):
+        return [S.RunSpec(f"{pe}-s{seed}", {"model": "vit_nano_p2", "model_kwargs": {"pos_embed": pe, "depth": 1,
+                                                                                    "embed_dim": 16, "num_heads": 2},
+                                            "seed": seed, "batch_size": 128, "warmup_epochs": 0,
+                                            "train_fraction": 0.3, "lr": 3e-3},
+                          {"pos_embed": pe, "seed": seed})
+                for pe in ("learned", "none") for seed in p["seeds"]]
+
+    study = S.Study("tiny", "two arms", "learned beats none", {"dataset": "digits", "epochs": 1, "seeds": [0, 1]},
+                    build, plot=lambda rows, p, path: None, base={"val_fraction": 0.25},
+                    claims=[S.Claim({"pos_embed": "learned"}, {"pos_embed": "none"}, "learned beats none")])
+    monkeypatch.setitem(S.STUDIES, "tiny", study)
+    S.run_study("tiny", tmp_path, plot=False, log=lambda *_: None)
+    arms = {r["pos_embed"]: r for r in csv.DictReader(open(tmp_path / "table.csv"))}
+    assert set(arms) == {"learned", "none"}
+    stats = {}
+    for pe, arm in arms.items():
+        accs = [json.loads((tmp_path / "runs" / f"{pe}-s{s}" / "summary.json").read_text())["val_acc"]
+                for s in (0, 1)]
+        assert int(arm["seeds"]) == 2
+        assert float(arm["val_acc_mean"]) == pytest.approx((accs[0] + accs[1]) / 2, abs=1e-4)
+        # sample standard deviation of two values = |a - b| / sqrt(2)
+        assert float(arm["val_acc_std"]) == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5, abs=1e-4)
+        assert float(arm["val_acc_spread"]) == pytest.approx(abs(accs[0] - accs[1]), abs=1e-4)
+        stats[pe] = (statistics.fmean(accs), statistics.stdev(accs))
+    diff = stats["learned"][0] - stats["none"][0]
+    noise = (stats["learned"][1] ** 2 + stats["none"][1] ** 2) ** 0.5
+    expected = "within the spread" if abs(diff) <= noise else "holds" if diff > 0 else "reversed"
+    assert arms["learned"]["verdict"].startswith("vs pos_embed=none: " + expected)
+    assert arms["none"]["verdict"] == ""
+    runs = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    assert len(runs) == 4
+    md = (tmp_path / "table.md").read_text()
+    assert "## arms (mean ± std over seeds)" in md and "learned beats none" in md
+
+
+def test_verdicts_pair_arms_and_compare_with_the_noise():
+    rows = [{"run": f"{m}-{f}-{s}", "model": m, "fraction": f, "seed": s, "val_acc": v}
+            for m, f, vals in [("resnet", 0.1, [0.90, 0.92]), ("vit", 0.1, [0.50, 0.52]),
+                               ("resnet", 1.0, [0.95, 0.99]), ("vit", 1.0, [0.96, 0.98])]
+            for s, v in enumerate(vals)]
+    arms = S.aggregate_arms(rows)
+    assert [(a["model"], a["fraction"], a["val_acc_mean"]) for a in arms] == \
+        [("resnet", 0.1, 0.91), ("vit", 0.1, 0.51), ("resnet", 1.0, 0.97), ("vit", 1.0, 0.97)]
+    v = S.judge_claims(arms, [S.Claim({"model": "resnet"}, {"model": "vit"}, "resnet wins")])
+    assert [(x["at"], x["verdict"]) for x in v] == [("fraction=0.1", "holds (beyond the spread)"),
+                                                    ("fraction=1.0", "within the spread")]
+    assert v[0]["noise"] == pytest.approx((2 * 0.01414 ** 2) ** 0.5, abs=1e-3)
+    rev = S.judge_claims(arms, [S.Claim({"model": "vit"}, {"model": "resnet"}, "vit wins")])
+    assert rev[0]["verdict"] == "reversed (beyond the spread)"
+
+
+def test_plots_draw_one_std_error_bars(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from vitlab.studies.presets import bar_plot, line_plot
+
+    rows = [{"lr": 0.1, "pool": "cls", "val_acc": 0.5}, {"lr": 0.1, "pool": "cls", "val_acc": 0.7}]
+    fig, ax = plt.subplots()
+    line_plot(rows, tmp_path / "l.png", "lr", "pool", ax=ax)
+    (bars,) = ax.containers
+    seg = bars.lines[2][0].get_segments()[0]          # the error bar's vertical segment, in percent
+    assert seg[0][1] == pytest.approx(60 - 14.142, abs=1e-2) and seg[1][1] == pytest.approx(60 + 14.142, abs=1e-2)
+    plt.close(fig)
+    bar_plot(rows, tmp_path / "b.png", "pool")
+    assert (tmp_path / "b.png").stat().st_size > 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .study import RunSpec, Study, register_study
+from .study import Claim, RunSpec, Study, register_study
 
 
 # digits' default 10% validation split is 179 images (one image = 0.56 points): every study holds
@@ -27,13 +27,17 @@ def _model_fields(name: str, kwargs: dict) -> dict:
 
 # ----------------------------------------------------------------------------- plots
 def _mean_by(rows, x, series, y):
-    """{series value: sorted [(x, mean y)]} averaging rows that share (series, x) (e.g. seeds)."""
+    """{series value: sorted [(x, mean y, std y)]} over rows that share (series, x) (the seeds);
+    std is the sample standard deviation (0 for a single seed)."""
+    import statistics
+
     acc: dict = {}
     for r in rows:
         if r.get(y) is None or r.get(x) is None:
             continue
         acc.setdefault(r.get(series) if series else "", {}).setdefault(r[x], []).append(float(r[y]))
-    return {s: sorted((k, sum(v) / len(v)) for k, v in d.items()) for s, d in acc.items()}
+    return {s: sorted((k, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in d.items())
+            for s, d in acc.items()}
 
 
 def line_plot(rows, path: Path, x: str, series: str | None, y: str = "val_acc", logx: bool = False,
@@ -44,7 +48,9 @@ def line_plot(rows, path: Path, x: str, series: str | None, y: str = "val_acc", 
     if own:
         fig, ax = plt.subplots(figsize=(5.5, 4))
     for s, pts in _mean_by(rows, x, series, y).items():
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=str(s) if series else None)
+        # error bars: one standard deviation over the seeds
+        ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts], marker="o",
+                    capsize=3, label=str(s) if series else None)
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel or x)
@@ -67,17 +73,18 @@ def bar_plot(rows, path: Path, label: str, y: str = "val_acc", title: str = "", 
     width = 0.8 / max(len(pts), 1)
     labels = []
     for g in pts.values():
-        for k, _ in g:
+        for k, _, _ in g:
             if k not in labels:
                 labels.append(k)
     for i, (g, vals) in enumerate(pts.items()):
-        d = dict(vals)
+        d = {k: (m, sd) for k, m, sd in vals}
         xs = [j + (i - (len(pts) - 1) / 2) * width for j in range(len(labels))]
-        ax.bar(xs, [100 * d.get(k, float("nan")) for k in labels], width=width, label=str(g) if group else None)
+        ax.bar(xs, [100 * d.get(k, (float("nan"), 0.0))[0] for k in labels], width=width,
+               yerr=[100 * d.get(k, (0.0, 0.0))[1] for k in labels], capsize=3, label=str(g) if group else None)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels([str(k) for k in labels], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("validation accuracy (%)")
-    vals = [100 * v for g in pts.values() for _, v in g]
+    vals = [100 * v for g in pts.values() for _, v, _ in g]
     if vals:
         ax.set_ylim(max(0.0, min(vals) - 10), min(100.0, max(vals) + 3))
     ax.set_title(title)
@@ -137,9 +144,13 @@ register_study(Study(
                 "accuracy against training-set size and against counted training compute.",
     claim="ViT paper (Fig. 3-4): with little data ViT trails ResNets (less inductive bias) and overtakes them "
           "only with large data sets (JFT-300M); hybrids help at small compute.",
-    params={"dataset": "digits", "epochs": 20, "fractions": [0.1, 0.3, 1.0], "seeds": [0],
+    params={"dataset": "digits", "epochs": 20, "fractions": [0.1, 0.3, 1.0], "seeds": [0, 1, 2],
             "models": list(DATA_SCALING_MODELS), "img_size": 16, "lr": 3e-3, "batch_size": 64,
             "vit": "", "hybrid": "", "resnet": "", "cvt": "", "convmixer": ""},
+    claims=[Claim({"model": "resnet"}, {"model": "vit"}, "with little data ResNets beat ViT (ViT Fig. 3)",
+                  pair_on=("fraction",)),
+            Claim({"model": "hybrid"}, {"model": "vit"}, "hybrids beat ViT at small compute (ViT Fig. 5)",
+                  pair_on=("fraction",))],
     base=BASE,
     build=_data_scaling_runs, plot=_data_scaling_plot,
 ))
@@ -166,7 +177,8 @@ register_study(Study(
     claim="ViT paper (Appendix D.3, Fig. 9): both work equally well, but need different learning rates; "
           "GAP with the CLS learning rate performs poorly.",
     params={"dataset": "digits", "epochs": 30, "model": "vit_nano_p2", "pools": ["cls", "gap"],
-            "lrs": [3e-4, 1e-3, 3e-3, 1e-2], "seeds": [0], "batch_size": 64},
+            "lrs": [3e-4, 1e-3, 3e-3, 1e-2], "seeds": [0, 1, 2], "batch_size": 64},
+    claims=[Claim({"pool": "cls"}, {"pool": "gap"}, "GAP at the CLS learning rate performs poorly (ViT Fig. 9)")],
     base=BASE,
     build=_pooling_runs,
     plot=lambda rows, p, path: line_plot(rows, path, "lr", "pool", logx=True, xlabel="learning rate",
@@ -190,8 +202,10 @@ register_study(Study(
     claim="ViT paper (Appendix D.4, Table 8): no position embedding is clearly worse; 1D, 2D and relative "
           "embeddings perform about the same.",
     params={"dataset": "digits", "epochs": 30, "model": "vit_nano_p2",
-            "kinds": ["none", "learned", "learned_2d", "sincos_2d", "relative"], "seeds": [0, 1], "lr": 3e-3,
+            "kinds": ["none", "learned", "learned_2d", "sincos_2d", "relative"], "seeds": [0, 1, 2], "lr": 3e-3,
             "batch_size": 64},
+    claims=[Claim({"pos_embed": k}, {"pos_embed": "none"}, "no position embedding is clearly worse (ViT Table 8)")
+            for k in ("learned", "learned_2d", "sincos_2d")],
     base=BASE,
     build=_pos_runs,
     plot=lambda rows, p, path: bar_plot(rows, path, "pos_embed",
@@ -234,7 +248,11 @@ register_study(Study(
           "without loss; removing the convolutional embedding hurts; convolutional projections help; kv stride 2 "
           "cuts FLOPs with little accuracy loss.",
     params={"dataset": "digits", "epochs": 20, "model": "cvt_tiny", "variants": list(CVT_VARIANTS),
-            "seeds": [0], "img_size": 16, "lr": 3e-3, "batch_size": 64},
+            "seeds": [0, 1, 2], "img_size": 16, "lr": 3e-3, "batch_size": 64},
+    claims=[Claim({"variant": "cvt"}, {"variant": "no-conv-proj"}, "convolutional projection helps (CvT Table 7)",
+                  pair_on=()),
+            Claim({"variant": "cvt"}, {"variant": "no-conv-embed"}, "convolutional token embedding helps "
+                  "(CvT Table 6)", pair_on=())],
     base=BASE,
     build=_cvt_runs,
     plot=lambda rows, p, path: bar_plot(rows, path, "variant",
@@ -258,7 +276,9 @@ register_study(Study(
     claim="ConvMixer paper: larger depthwise kernels (mixing distant locations) improve accuracy (kernel 9 "
           "beats 3 on ImageNet by about 1.5 points at equal width and depth).",
     params={"dataset": "digits", "epochs": 20, "model": "convmixer_256_8", "kernels": [3, 5, 7, 9], "dim": 64,
-            "depth": 4, "patch_size": 1, "img_size": 8, "seeds": [0], "lr": 3e-3, "batch_size": 64},
+            "depth": 4, "patch_size": 1, "img_size": 8, "seeds": [0, 1, 2], "lr": 3e-3, "batch_size": 64},
+    claims=[Claim({"kernel_size": 9}, {"kernel_size": 3}, "kernel 9 beats kernel 3 (ConvMixer Table 1)",
+                  pair_on=())],
     base=BASE,
     build=_convmixer_runs,
     plot=lambda rows, p, path: line_plot(rows, path, "kernel_size", None, xlabel="depthwise kernel size",
@@ -296,8 +316,10 @@ register_study(Study(
     claim="ViT paper (Sec. 4.6, App. B.1.2): MPP pre-training improves ViT-B/16 on ImageNet by 2% over training "
           "from scratch, but trails supervised pre-training by 4%.",
     params={"dataset": "digits", "epochs": 20, "pretrain_epochs": 30, "model": "vit_nano_p2",
-            "fractions": [0.1, 0.3, 1.0], "seeds": [0], "target": "color3bit", "mask_rate": 0.5, "lr": 3e-3,
+            "fractions": [0.1, 0.3, 1.0], "seeds": [0, 1, 2], "target": "color3bit", "mask_rate": 0.5, "lr": 3e-3,
             "finetune_lr": 3e-3, "batch_size": 64},
+    claims=[Claim({"init": "mpp"}, {"init": "scratch"}, "MPP pre-training beats training from scratch "
+                  "(ViT Sec. 4.6)", pair_on=("fraction",))],
     base=BASE,
     build=_mpp_runs, plot=_mpp_plot,
 ))
