@@ -124,9 +124,11 @@ def test_every_builtin_study_builds_valid_configs(tmp_path):
 
     from vitlab import create_model
 
-    for name in ("data-scaling", "pooling", "pos-embed", "cvt-ablation", "convmixer-kernel", "mpp"):
+    for name, preset in [(n, p) for n in ("data-scaling", "pooling", "pos-embed", "cvt-ablation", "convmixer-kernel",
+                                          "mpp", "cvt-conv-proj-stages", "mpp-targets", "optimizer", "model-scaling")
+                         for p in ("small", "paper")]:
         study = S.get_study(name)
-        params, train = S.resolve_params(study)
+        params, train = S.resolve_params(study, preset=preset)
         specs = study.build(params)
         assert len({s.name for s in specs}) == len(specs) > 1
         for spec in specs:
@@ -134,6 +136,10 @@ def test_every_builtin_study_builds_valid_configs(tmp_path):
             with torch.device("meta"):
                 create_model(cfg.model, num_classes=10, in_chans=1, img_size=cfg.img_size or 8,
                              **cfg.model_overrides())
+            assert cfg.seed in params["seeds"] or spec.name.startswith(("mpp-pretrain", "pretrain-"))
+        if preset == "small":   # every arm has the default three seeds
+            assert all(len(n) == 3 for n in S._group_sizes(
+                [{**sp.columns} for sp in specs if not sp.name.startswith(("mpp-pretrain", "pretrain-"))]).values())
 
 
 def test_markdown_and_csv_tables():
@@ -214,3 +220,94 @@ def test_plots_draw_one_std_error_bars(tmp_path):
     plt.close(fig)
     bar_plot(rows, tmp_path / "b.png", "pool")
     assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def _arms(name, preset="small", overrides=None):
+    study = S.get_study(name)
+    params, _ = S.resolve_params(study, overrides, preset=preset)
+    return study, params, study.build(params)
+
+
+def test_cvt_conv_proj_stages_grid():
+    study, params, specs = _arms("cvt-conv-proj-stages")
+    arms = {s.columns["conv_proj"]: s.overrides["model_kwargs"]["conv_proj"] for s in specs}
+    assert arms == {"none": [False, False, False], "stage3": [False, False, True],
+                    "stages2-3": [False, True, True], "all": [True, True, True]}
+    assert len(specs) == 4 * 3 and params["dataset"] == "fashion-mnist"
+    cfg = S.make_config(study, params, {}, specs[0], S.Path("/tmp"))
+    assert cfg.train_fraction == 0.1 and cfg.img_size == 28
+
+
+def test_mpp_targets_grid_pretrains_once_per_target_and_rate():
+    _, params, specs = _arms("mpp-targets", overrides=["targets=color3bit,l2", "mask_rates=0.15,0.5", "seeds=0,1"])
+    pre = [s for s in specs if s.overrides.get("objective") == "mpp"]
+    assert sorted((s.overrides["objective_kwargs"]["target"], s.overrides["objective_kwargs"]["mask_rate"])
+                  for s in pre) == [("color3bit", 0.15), ("color3bit", 0.5), ("l2", 0.15), ("l2", 0.5)]
+    ft = [s for s in specs if s.init_from]
+    slug = {0.15: "0p15", 0.5: "0p5"}
+    assert len(ft) == 4 * 2 and all(s.init_from == f"pretrain-{s.columns['target']}-m{slug[s.columns['mask_rate']]}"
+                                    for s in ft)
+    names = [s.name for s in specs]
+    assert all(names.index(s.init_from) < names.index(s.name) for s in ft)   # pre-training runs first
+    assert [s.name for s in specs if s.columns["init"] == "scratch"] == ["scratch-s0", "scratch-s1"]
+    assert all(s.overrides["train_fraction"] == 0.1 for s in ft)
+
+
+def test_optimizer_grid_pairs_adam_wd01_with_sgd_momentum():
+    _, params, specs = _arms("optimizer")
+    by = {(s.columns["model"], s.columns["optimizer"]) for s in specs}
+    assert by == {("resnet", "adam"), ("resnet", "sgd"), ("vit", "adam"), ("vit", "sgd")}
+    adam = next(s for s in specs if s.columns["optimizer"] == "adam").overrides
+    sgd = next(s for s in specs if s.columns["optimizer"] == "sgd").overrides
+    assert (adam["optimizer"], adam["weight_decay"]) == ("adam", 0.1)
+    assert (sgd["optimizer"], sgd["momentum"]) == ("sgd", 0.9)
+    _, _, paper = _arms("optimizer", "paper")
+    assert {s.overrides["model"] for s in paper} == {"resnet50_bit"}
+
+
+def test_model_scaling_grid_grows_each_family():
+    import torch
+
+    from vitlab import create_model
+    from vitlab.flops import count_params
+
+    study, params, specs = _arms("model-scaling", overrides=["seeds=0"])
+    assert [(s.columns["model"], s.columns["size"]) for s in specs] == \
+        [(f, z) for f in ("vit", "resnet", "hybrid") for z in ("S", "M", "L")]
+    for fam in ("vit", "resnet", "hybrid"):
+        sizes = []
+        for s in specs:
+            if s.columns["model"] == fam:
+                cfg = S.make_config(study, params, {}, s, S.Path("/tmp")).validate()
+                with torch.device("meta"):
+                    sizes.append(count_params(create_model(cfg.model, num_classes=10, in_chans=1, img_size=16,
+                                                           **cfg.model_overrides())))
+        assert sizes == sorted(sizes) and sizes[-1] > 4 * sizes[0], (fam, sizes)
+    _, _, paper = _arms("model-scaling", "paper")
+    assert {s.overrides["model"] for s in paper} >= {"vit_l16", "resnet152x2_bit", "r50_vit_l16"}
+
+
+def test_paper_preset_prints_its_setting_and_cost_before_starting(tmp_path, monkeypatch):
+    study = S.get_study("convmixer-kernel")
+    params, train = S.resolve_params(study, preset="paper")
+    assert (params["dataset"], params["dim"], params["epochs"]) == ("cifar10", 256, 200)
+    flops = S.estimate_training_flops(study, params, train, 50_000)
+    # 12 runs x 3 x forward FLOPs x 200 epochs x 50,000 images
+    cfg = S.make_config(study, params, train, study.build(params)[0], tmp_path)
+    fwd = S.forward_flops_per_image({**cfg.to_dict(), "num_classes": 1000, "in_chans": 3})
+    assert flops == pytest.approx(3 * 200 * 50_000 * sum(
+        S.forward_flops_per_image({**S.make_config(study, params, train, sp, tmp_path).to_dict(),
+                                   "num_classes": 1000, "in_chans": 3}) for sp in study.build(params)))
+    assert fwd > 0
+    lines = []
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "execute_run", stop)
+    with pytest.raises(KeyboardInterrupt):
+        S.run_study("convmixer-kernel", tmp_path, preset="paper", log=lines.append)
+    assert "paper preset: ConvMixer paper's CIFAR-10 setting" in lines[0]
+    assert f"{flops:.3g} training FLOPs" in lines[0] and "GPU-hours" in lines[0]
+    with pytest.raises(ConfigError, match="preset"):
+        S.resolve_params(study, preset="huge")

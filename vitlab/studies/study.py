@@ -67,7 +67,8 @@ class Study:
     claims: list["Claim"] = field(default_factory=list)
     # `--preset paper`: the paper's setting (option values) and what it costs, printed before it starts
     paper: dict[str, Any] = field(default_factory=dict)
-    paper_cost: str = ""
+    paper_cost: str = ""                        # the paper's setting, in words
+    paper_images: int = 0                       # training-set size of that setting (for the compute estimate)
 
 
 @dataclass
@@ -132,14 +133,25 @@ def _parse_value(text: str, default: Any, key: str) -> Any:
         else str(text)
 
 
+PRESETS = ("small", "paper")
+
+
 def resolve_params(study: Study, overrides: list[str] | dict | None = None, dataset: str | None = None,
-                   epochs: int | None = None) -> tuple[dict, dict]:
+                   epochs: int | None = None, preset: str = "small") -> tuple[dict, dict]:
     """(study parameters, TrainConfig fields for every run) from `key=value` overrides.
 
     Study parameters are the keys of `study.params` (lists take comma-separated values);
     `train.FIELD=value` sets a TrainConfig field of every run (e.g. train.batch_size=256,
-    train.data_dir=/data); `--dataset`/`--epochs` set the usual two."""
+    train.data_dir=/data); `--dataset`/`--epochs` set the usual two. `preset='paper'` starts
+    from the paper's setting (`study.paper`) instead of the small defaults."""
+    from ..errors import check_choice
+
+    check_choice("preset", preset, PRESETS)
     params = dict(study.params)
+    if preset == "paper":
+        if not study.paper:
+            raise ConfigError(f"study {study.name!r} has no paper preset; scale it with key=value options")
+        params.update(study.paper)
     train: dict[str, Any] = {}
     items = overrides.items() if isinstance(overrides, dict) else \
         [tuple(o.split("=", 1)) if "=" in o else (o, None) for o in (overrides or [])]
@@ -177,12 +189,16 @@ def read_summary(run_dir: Path) -> dict | None:
     return s if s.get("finished") else None
 
 
+# study options that are training fields of every run where the study's runs do not set them
+FORWARDED = ("train_fraction", "img_size")
+
+
 def make_config(study: Study, params: dict, train: dict, spec: RunSpec, out: Path, session: dict | None = None):
     from ..train.config import TrainConfig, apply_overrides
 
     cfg = TrainConfig(progress=False, tensorboard=False)
     fields = {**study.base, "dataset": params.get("dataset", "digits"), "epochs": int(params.get("epochs", 1)),
-              **spec.overrides}
+              **{k: params[k] for k in FORWARDED if k in params}, **spec.overrides}
     cfg = apply_overrides(cfg, fields)
     # train.FIELD overrides: text from the command line is parsed like `vitlab train key=value`
     cfg = apply_overrides(cfg, {k: v for k, v in train.items() if not isinstance(v, str)})
@@ -431,11 +447,13 @@ def _dist() -> tuple[int, int]:
 
 def run_study(name: str, out: str | Path | None = None, overrides: list[str] | dict | None = None,
               dataset: str | None = None, epochs: int | None = None, session: dict | None = None,
-              log=print, plot: bool = True, command: str | None = None) -> list[dict]:
+              log=print, plot: bool = True, command: str | None = None, preset: str = "small") -> list[dict]:
     """Run (or resume) every run of study `name` and write table.csv, table.md, plot.png and
     meta.json into `out` (default results/NAME). Returns the table rows."""
     study = get_study(name)
-    params, train = resolve_params(study, overrides, dataset, epochs)
+    params, train = resolve_params(study, overrides, dataset, epochs, preset)
+    if preset == "paper":
+        log(preset_banner(study, params, train))
     out = Path(out or Path("results") / name)
     out.mkdir(parents=True, exist_ok=True)
     specs = study.build(params)
@@ -465,6 +483,38 @@ def run_study(name: str, out: str | Path | None = None, overrides: list[str] | d
     _check_seeds(rows, log)
     write_outputs(study, params, train, rows, out, plot, command, time.perf_counter() - t0, world)
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+
+
+# what a GPU sustains in mixed-precision training, for the cost estimate: 40% of an A100's 312
+# TFLOP/s dense bf16 (a typical utilisation for these models), stated with the estimate
+ESTIMATE_FLOPS_PER_S = 0.4 * 312e12
+
+
+def estimate_training_flops(study: Study, params: dict, train: dict, n_images: int) -> float:
+    """Counted training FLOPs of every run: 3 x forward FLOPs per image x epochs x the images it sees."""
+    import tempfile
+
+    total = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in study.build(params):
+            cfg = make_config(study, params, train, spec, Path(tmp))
+            fwd = forward_flops_per_image({**cfg.to_dict(), "num_classes": cfg.num_classes or 1000,
+                                           "in_chans": cfg.in_chans or 3, "img_size": cfg.img_size or 224})
+            total += 3 * fwd * cfg.epochs * n_images * cfg.train_fraction
+    return total
+
+
+def preset_banner(study: Study, params: dict, train: dict | None = None) -> str:
+    """What `--preset paper` is about to run and what it costs, printed before it starts."""
+    shown = ", ".join(f"{k}={v}" for k, v in params.items())
+    n_runs = len(study.build(params))
+    text = f"[{study.name}] paper preset: {study.paper_cost}; {n_runs} runs ({shown})"
+    if study.paper_images:
+        flops = estimate_training_flops(study, params, train or {}, study.paper_images)
+        hours = flops / ESTIMATE_FLOPS_PER_S / 3600
+        text += (f"\n[{study.name}] expected cost: {flops:.3g} training FLOPs (counted, {study.paper_images:,} "
+                 f"training images) = about {hours:,.1f} GPU-hours at 125 TFLOP/s (40% of an A100's bf16 peak)")
+    return text
 
 
 def _check_seeds(rows: list[dict], log) -> None:
