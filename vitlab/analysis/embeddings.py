@@ -65,12 +65,12 @@ def pos_embed_similarity(model, stage: int | None = None) -> torch.Tensor:
 
 
 def default_sincos_dims(dim: int) -> list[int]:
-    """Eight channels that show the 2D sinusoid's structure: sine and cosine of the highest and of a
-    lower frequency of the column half (channels 0 .. D/2-1), then the same of the row half."""
+    """Eight channels that show the 2D sinusoid's structure: the sine of frequency pairs 0, 1, 2 and 4
+    (periods 2 pi, then growing by T^(4/D) per pair) of the column half (channels 0 .. D/2-1), then
+    the same of the row half. Later pairs vary too slowly to show on a small grid."""
     half = dim // 2
-    low = max(2 * (half // 4), 2)   # a sine channel a quarter of the way down the frequencies
-    picks = [0, 1, low, low + 1, half, half + 1, half + low, half + low + 1]
-    return sorted({d for d in picks if d < dim})
+    xs = [2 * p for p in (0, 1, 2, 4) if 2 * p < half]
+    return xs + [half + d for d in xs]
 
 
 def sincos_dimension_maps(grid, dim: int, dims=None, temperature: float = 10000.0) -> torch.Tensor:
