@@ -235,7 +235,7 @@ def test_cvt_conv_proj_stages_grid():
                     "stages2-3": [False, True, True], "all": [True, True, True]}
     assert len(specs) == 4 * 3 and params["dataset"] == "fashion-mnist"
     cfg = S.make_config(study, params, {}, specs[0], S.Path("/tmp"))
-    assert cfg.train_fraction == 0.1 and cfg.img_size == 28
+    assert cfg.train_fraction == 0.05 and cfg.img_size == 28
 
 
 def test_mpp_targets_grid_pretrains_once_per_target_and_rate():
