@@ -311,3 +311,22 @@ def test_paper_preset_prints_its_setting_and_cost_before_starting(tmp_path, monk
     assert f"{flops:.3g} training FLOPs" in lines[0] and "GPU-hours" in lines[0]
     with pytest.raises(ConfigError, match="preset"):
         S.resolve_params(study, preset="huge")
+
+
+def test_every_study_plots_its_arms_from_per_seed_rows(tmp_path):
+    """Each study's plot draws from rows shaped like collect_row's (synthetic accuracies)."""
+    import random
+
+    rng = random.Random(0)
+    S.get_study("pooling")  # registers the built-in studies
+    assert len(S.STUDIES) >= 10
+    for name in sorted(S.STUDIES):
+        study = S.get_study(name)
+        params, _ = S.resolve_params(study)
+        rows = [{"run": sp.name, **sp.columns, "train_images": 100, "images_seen": 1000, "train_gflops": 1.5 + i,
+                 "val_acc": None if "pretrain" in sp.name else rng.uniform(0.5, 0.9)}
+                for i, sp in enumerate(study.build(params))]
+        study.plot(rows, params, tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000, name
+        arms = S.aggregate_arms(rows)
+        assert sum(a["seeds"] for a in arms) == len(rows)
