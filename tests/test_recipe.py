@@ -137,3 +137,38 @@ def test_fp16_is_a_clear_error_without_cuda(tmp_path):
                             tensorboard=False), verbose=False)
     else:
         assert cfg.amp_dtype("cuda") == torch.float16
+
+
+def test_fp16_training_goes_through_the_grad_scaler_and_checkpoints_it(tmp_path, monkeypatch):
+    """The scaler's wiring, run on CPU by forcing the fp16 autocast dtype (real runs need CUDA): the
+    loss is scaled, the steps train, and the loss scale is saved and restored on resume."""
+    import json
+
+    from vitlab.train import engine
+
+    monkeypatch.setattr(TrainConfig, "amp_dtype", lambda self, device_type: torch.float16)
+    scales = []
+    real_scale = torch.amp.GradScaler.scale
+
+    def spy(self, outputs):
+        scales.append(self.get_scale())
+        return real_scale(self, outputs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", spy)
+    cfg = apply_overrides(TrainConfig(progress=False, tensorboard=False), dict(
+        model="vit_nano_p2", model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2}, epochs=2, batch_size=256,
+        train_fraction=0.3, warmup_steps=0, precision="fp16", out=str(tmp_path), name="fp16", device="cpu",
+        max_steps=2))
+    engine.fit(cfg, verbose=False)
+    assert scales and scales[0] == 65536.0                       # torch's initial loss scale
+    from vitlab.train.checkpoint import read_state
+
+    ckpts = tmp_path / "fp16" / "checkpoints"
+    state_path = ckpts / json.loads((ckpts / "last.json").read_text())["state"]
+    state = read_state(state_path)
+    assert state["grad_scaler"]["scale"] in (65536.0, 32768.0, 16384.0)  # halved per overflowing step, at most
+    state["grad_scaler"]["scale"] = 1024.0     # a scale the run could not start from: resume must restore it
+    torch.save(state, state_path)
+    scales.clear()
+    engine.fit(apply_overrides(cfg, {"resume": str(tmp_path / "fp16"), "max_steps": None}), verbose=False)
+    assert scales[0] == 1024.0

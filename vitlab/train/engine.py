@@ -500,6 +500,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                 raise CheckpointError("the checkpoint has no EMA weights but ema_decay > 0; resume with "
                                       "ema_decay=0 or start a new run")
             ema.load_state_dict(ema_w)
+        if scaler.is_enabled() and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])  # fp16: continue at the loss scale it had reached
         start_step = int(state["step"])
         train_data.restore(state.get("data_position"))
         best = state.get("best")
@@ -613,6 +615,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                                    "schedule": cfg.schedule},
                      "rng": rng, "data_position": data_pos, "threads": threads, "config": cfg.to_dict(),
                      "best": best, "sums": sums, "skipped_steps": skipped,
+                     "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
                      "wall_s": prior_wall + time.perf_counter() - wall0}
             ckpt.save_checkpoint(run_dir / "checkpoints", step, weights, _meta(cfg, bundle, step, epoch_done), state,
                                  ema.state_dict() if ema is not None else None)
