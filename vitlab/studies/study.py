@@ -574,11 +574,12 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pm(arm: dict, m: str) -> str:
+def _pm(arm: dict, m: str, scale: float) -> str:
     mean, std = arm.get(f"{m}_mean"), arm.get(f"{m}_std")
     if mean is None:
         return "-"
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if std is not None else f"{100 * mean:.1f}"
+    digits = 1 if scale == 100 else 4
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" if std is not None else f"{scale * mean:.{digits}f}"
 
 
 def tables_markdown(arm_rows: list[dict], verdicts: list[dict], rows: list[dict]) -> str:
@@ -590,9 +591,11 @@ def tables_markdown(arm_rows: list[dict], verdicts: list[dict], rows: list[dict]
         v = {k: x for k, x in a.items() if k not in skip and k != "verdict"}
         for m in STAT_METRICS:
             if f"{m}_mean" in a:
-                v[f"{m} (%)"] = _pm(a, m)
-                v[f"{m}_spread (pts)"] = round(100 * a[f"{m}_spread"], 2)
-                v.pop(f"{m}_spread", None)
+                spread = v.pop(f"{m}_spread")
+                if m == "val_loss":  # a loss as it is
+                    v[m], v[f"{m}_spread"] = _pm(a, m, 1.0), spread
+                else:                # accuracies in percent, their spread in points
+                    v[f"{m} (%)"], v[f"{m}_spread (pts)"] = _pm(a, m, 100.0), round(100 * spread, 2)
         view.append(v)
     text = "## arms (mean ± std over seeds)\n\n" + to_markdown(view)
     if verdicts:
