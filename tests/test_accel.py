@@ -32,6 +32,11 @@ FAMILIES = [
     ("cvt_tiny", {}, 32),
     ("convmixer_256_8", {}, 16),
     ("resnet_small", {}, 32),
+    # ConvMixer's ablation switches: the fast layer must fall back to the plain function
+    ("convmixer_256_8", {"residual": False, "norm": "layer"}, 16),
+    ("convmixer_256_8", {"norm": "group", "drop_path_rate": 0.3}, 16),
+    ("convmixer_256_8", {"norm": "none"}, 16),
+    ("convmixer_256_8", {"drop_path_rate": 0.3}, 16),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for n, o, _ in FAMILIES]
 

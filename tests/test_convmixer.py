@@ -175,3 +175,82 @@ def test_bad_configurations_raise_config_error():
         m(torch.randn(1, 3, 31, 31))
     with pytest.raises(ConfigError, match="out of range"):
         m.depthwise_kernels(1)
+
+
+# ----------------------------------------------------------------------------- ablation switches
+def _layer_input(dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, dim, 6, 6, generator=g)
+
+
+def test_convmixer_residual_switch_removes_the_skip_connection():
+    from vitlab.models.convmixer import ConvMixerLayer
+
+    torch.manual_seed(0)
+    on = ConvMixerLayer(8, 3, torch.nn.GELU).eval()
+    off = ConvMixerLayer(8, 3, torch.nn.GELU, residual=False).eval()
+    off.load_state_dict(on.state_dict())
+    x = _layer_input()
+    branch = on.dw_norm(on.dw_act(on.dw(x)))
+    with torch.no_grad():
+        torch.testing.assert_close(on(x), on.pw_norm(on.pw_act(on.pw(x + branch))))
+        torch.testing.assert_close(off(x), on.pw_norm(on.pw_act(on.pw(branch))))
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "group", "none"])
+def test_convmixer_norms_normalise_what_they_say(norm):
+    from vitlab import create_model
+
+    m = create_model("convmixer_256_8", num_classes=3, in_chans=1, img_size=8, dim=64, depth=2, norm=norm).train()
+    assert m.norm == norm
+    kinds = {type(mod).__name__ for mod in m.modules()}
+    assert ("BatchNorm2d" in kinds) == (norm == "batch")
+    x = torch.randn(4, 1, 8, 8) * 5 + 3
+    y = m.stem(x)
+    if norm == "layer":    # every position's channels: mean 0, variance 1
+        torch.testing.assert_close(y.mean(1), torch.zeros_like(y.mean(1)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(y.var(1, unbiased=False), torch.ones_like(y.mean(1)), atol=1e-3, rtol=0)
+    elif norm == "group":  # 32 groups of 2 channels over the image
+        g = y.reshape(4, 32, -1)
+        torch.testing.assert_close(g.mean(-1), torch.zeros(4, 32), atol=1e-5, rtol=0)
+    elif norm == "batch":  # each channel over the batch and the image
+        torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(64), atol=1e-5, rtol=0)
+    else:
+        assert torch.equal(y, m.patch_act(m.patch_embed(x)))
+
+
+def test_convmixer_stochastic_depth_drops_the_residual_branch_per_sample():
+    from vitlab import create_model
+    from vitlab.train.config import TrainConfig
+
+    m = create_model("convmixer_256_8", num_classes=3, in_chans=1, img_size=8, dim=16, depth=5,
+                     **TrainConfig(drop_path=0.4).model_overrides())
+    assert [b.drop_path.p for b in m.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    layer = m.blocks[-1]
+    layer.drop_path.p = 0.5
+    layer.train()
+    x = torch.randn(400, 16, 4, 4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.dw_norm.eval(), layer.pw_norm.eval()        # fixed statistics, to read the branch back
+        branch_in = layer.dw_norm(layer.dw_act(layer.dw(x)))
+        seen = []                                         # the sum the pointwise conv saw
+        h = layer.pw.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+        layer(x)
+        h.remove()
+    summed = seen[0]
+    kept = torch.isclose(summed, x + 2 * branch_in, atol=1e-5).flatten(1).all(1)    # scaled by 1/keep
+    dropped = torch.isclose(summed, x, atol=1e-6).flatten(1).all(1)
+    assert bool((kept | dropped).all()) and 150 < int(dropped.sum()) < 250           # ~Binomial(400, 0.5)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.pw_norm(layer.pw_act(layer.pw(x + branch_in))))
+
+
+def test_convmixer_switches_are_checked():
+    from vitlab import create_model
+
+    with pytest.raises(ConfigError, match="norm='lyer'.*layer"):
+        create_model("convmixer_256_8", num_classes=3, in_chans=1, img_size=8, norm="lyer")
+    with pytest.raises(ConfigError, match="residual=false"):
+        create_model("convmixer_256_8", num_classes=3, in_chans=1, img_size=8, residual=False, drop_path_rate=0.1)

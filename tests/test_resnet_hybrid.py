@@ -111,9 +111,11 @@ def test_hybrid_bottleneck_is_post_activation_and_starts_as_identity_on_its_shor
     ("resnet50_bit", 25.5),     # BiT-M R50x1 (torchvision/timm ResNet-50: 25.5M)
     ("resnet101_bit", 44.5),    # BiT R101x1
     ("resnet50x3_bit", 217.3),  # BiT R50x3
+    ("resnet152x2_bit", 236),   # BiT R152x2 (timm resnetv2_152x2_bit: 236.3M with a 1000-class head)
+    ("resnet152x4_bit", 936),   # BiT-L R152x4 (timm resnetv2_152x4_bit: 936.5M with a 1000-class head)
 ])
 def test_resnet_param_counts(name, paper_m):
-    n = count_params(_meta(name)) / 1e6
+    n = count_params(_meta(name)) / 1e6   # on the meta device: no memory, instant even at 936M
     assert abs(n - paper_m) / paper_m < 0.02, f"{name}: {n:.2f}M vs {paper_m}M"
 
 
@@ -237,6 +239,8 @@ _BIG_OVERRIDES = {  # big variants: same config with fewer blocks, so the CPU te
     "resnet50_bit": dict(layers=(1, 1, 1, 1)),
     "resnet101_bit": dict(layers=(1, 1, 2, 1)),
     "resnet50x3_bit": dict(layers=(1, 1, 1, 1)),
+    "resnet152x2_bit": dict(layers=(1, 1, 1, 1), width_factor=1),
+    "resnet152x4_bit": dict(layers=(1, 1, 1, 1), width_factor=1),
     "r50_vit_b16": dict(depth=2),
     "r50_vit_b32": dict(depth=2),
     "r50_vit_l16": dict(depth=2),

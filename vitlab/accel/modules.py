@@ -417,13 +417,16 @@ class FastConvMixerLayer(ConvMixerLayer):
     with vitlab's depthwise weight-gradient kernel (or the conv in float32) where oneDNN's is slow."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (getattr(self, "residual", True) and getattr(self, "norm_kind", "batch") == "batch"):
+            return super().forward(x)  # the fast paths below are written for BatchNorm + residual
         if (not self.training and _act_ok(self.dw_act) and _act_ok(self.pw_act)
                 and _fused_ok(x, self.dw, self.dw_norm) and _fused_ok(x, self.pw, self.pw_norm)):
-            return self._forward_fused(x)
+            return self._forward_fused(x)  # evaluation: drop_path is the identity
         # bf16 training on CPU: oneDNN's bf16 depthwise weight gradient is the slow part; vitlab's
         # kernel computes it where it applies, else the conv runs in float32
         y = ops.depthwise_conv_bf16_train(x, self.dw) if ops.depthwise_conv_f32_pays(x, self.dw) else self.dw(x)
-        x = x + self.dw_norm(self.dw_act(y))
+        y = self.dw_norm(self.dw_act(y))
+        x = x + (self.drop_path(y) if hasattr(self, "drop_path") else y)
         return self.pw_norm(self.pw_act(self.pw(x)))
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:

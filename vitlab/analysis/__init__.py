@@ -4,6 +4,7 @@ tensors, plus ConvMixer's weight figures and CvT's per-stage attention distance.
     attention_distance(attn, grid_size, patch_size, num_prefix_tokens=0, kv_grid_size=None, kv_patch_size=None)
     attention_rollout(attentions, num_prefix_tokens, head_fusion="mean", discard_ratio=0.0)
     pos_embed_similarity(model)                -> (gh, gw, gh, gw) cosine similarities
+    sincos_dimension_maps(grid, dim, dims=None) -> (len(dims), gh, gw) channels of the 2D sinusoid
     embedding_filter_components(model, k=28)   -> FilterComponents(components (k, C, p, p), explained variance)
     collect_attentions(model, images, batch_size=64, mean=None, std=None) -> AttentionStats (one batched pass)
     analyze_model(model, images, out_dir, ...) / write_report(out_dir, analysis, run) / analyze_run(target, ...)
@@ -26,6 +27,7 @@ _LAZY = {
     "embedding_filter_components": "embeddings",
     "patch_embedding_weight": "embeddings",
     "pos_embed_similarity": "embeddings",
+    "sincos_dimension_maps": "embeddings",
     "position_embedding_table": "embeddings",
     "analyze_model": "report",
     "analyze_run": "report",
@@ -35,7 +37,7 @@ _LAZY = {
 __all__ = ["attention_distance", "attention_rollout", "pos_embed_similarity", "embedding_filter_components",
            "collect_attentions", "AttentionStats", "FilterComponents", "distance_matrix", "patch_centres",
            "mean_pairwise_distance", "depthwise_kernels", "patch_embedding_weight", "position_embedding_table",
-           "analyze_model", "analyze_run", "write_report"]
+           "sincos_dimension_maps", "analyze_model", "analyze_run", "write_report"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""What the embedding layers learned: position-embedding similarity (ViT Fig. 7 centre),
+"""What the embedding layers learned: position-embedding similarity (ViT Fig. 7 centre), the
+per-dimension maps of the fixed 2D sinusoidal embedding over the image (the slides' figure),
 principal components of the patch-embedding filters (ViT Fig. 7 left), and ConvMixer's
 patch-embedding filters and depthwise kernels (the ConvMixer paper's weight figures).
 """
@@ -61,6 +62,40 @@ def pos_embed_similarity(model, stage: int | None = None) -> torch.Tensor:
     pe, (gh, gw) = position_embedding_table(model, stage)
     z = F.normalize(pe.double(), dim=-1)
     return (z @ z.T).float().reshape(gh, gw, gh, gw)
+
+
+def default_sincos_dims(dim: int) -> list[int]:
+    """Eight channels that show the 2D sinusoid's structure: the sine of frequency pairs 0, 1, 2 and 4
+    (periods 2 pi, then growing by T^(4/D) per pair) of the column half (channels 0 .. D/2-1), then
+    the same of the row half. Later pairs vary too slowly to show on a small grid."""
+    half = dim // 2
+    xs = [2 * p for p in (0, 1, 2, 4) if 2 * p < half]
+    return xs + [half + d for d in xs]
+
+
+def sincos_dimension_maps(grid, dim: int, dims=None, temperature: float = 10000.0) -> torch.Tensor:
+    """The fixed 2D sinusoidal position embedding (`sincos_2d`), one channel at a time, drawn over
+    the patch grid: (len(dims), gh, gw), map k = channel dims[k] of every patch at its (row, column).
+    Column channels vary along x only and row channels along y only, each at its own frequency."""
+    from ..models.layers import sincos_2d, to_2tuple
+
+    gh, gw = to_2tuple(grid)
+    dims = default_sincos_dims(dim) if dims is None else [int(d) for d in dims]
+    bad = [d for d in dims if not 0 <= d < dim]
+    if bad:
+        raise ConfigError(f"dims {bad} are out of range for a {dim}-wide embedding (0..{dim - 1})")
+    table = sincos_2d((gh, gw), dim, temperature)            # (gh * gw, dim), raster order
+    return table[:, dims].T.reshape(len(dims), gh, gw)
+
+
+def model_sincos_dimension_maps(model, dims=None) -> tuple[torch.Tensor, list[int]]:
+    """The maps of the model's own sincos_2d position embedding (ConfigError for other kinds)."""
+    if getattr(model, "pos_embed_kind", None) != "sincos_2d":
+        raise ConfigError(f"the per-dimension sinusoid maps need pos_embed='sincos_2d'; this model has "
+                          f"{getattr(model, 'pos_embed_kind', None)!r}")
+    pe, (gh, gw) = position_embedding_table(model)
+    dims = default_sincos_dims(pe.shape[1]) if dims is None else [int(d) for d in dims]
+    return pe[:, dims].T.reshape(len(dims), gh, gw), dims
 
 
 # --------------------------------------------------------------------------- patch-embedding filters

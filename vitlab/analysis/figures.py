@@ -111,6 +111,31 @@ def plot_pos_similarity(sim: torch.Tensor, path, title: str = "Position embeddin
     return _save(fig, path)
 
 
+def plot_sincos_dimensions(maps: torch.Tensor, dims: list[int], dim: int, path,
+                           title: str = "Sinusoidal position embedding, per dimension") -> Path:
+    """One gh x gw image per selected channel of the 2D sinusoid (values in [-1, 1]); channels below
+    dim/2 encode the column, the rest the row."""
+    plt = _plt()
+    n = len(dims)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 0.8, 2.2 * rows + 0.4), squeeze=False)
+    im = None
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= n:
+            continue
+        im = ax.imshow(maps[k].numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        half = dim // 2
+        d = dims[k]
+        axis, i = ("column x", d) if d < half else ("row y", d - half)
+        ax.set_title(f"dim {d}: {'sin' if i % 2 == 0 else 'cos'}, {axis}", fontsize=8)
+    fig.suptitle(title)
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- filters
 def _to_hwc(x: np.ndarray) -> np.ndarray:
     """(n, C, h, w) -> (n, h, w) grey or (n, h, w, 3) colour (first three channels)."""

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, ConfigError, DataError
 from . import figures
 from .attention import AttentionStats, collect_attentions, mean_pairwise_distance
-from .embeddings import (depthwise_kernels, embedding_filter_components, is_convmixer, num_depthwise_layers,
-                         patch_embedding_weight, pos_embed_similarity)
+from .embeddings import (depthwise_kernels, embedding_filter_components, is_convmixer, model_sincos_dimension_maps,
+                         num_depthwise_layers, patch_embedding_weight, pos_embed_similarity)
 
 CAPTIONS = {
     "attention_distance": "Each dot is one head: the mean distance in pixels between a query patch and the patches "
@@ -32,6 +32,10 @@ CAPTIONS = {
     "pos_embed_similarity": "Panel (row i, column j) is the cosine similarity of patch (i, j)'s position embedding "
                             "with every patch's (yellow = similar): a bright spot at the panel's own position and "
                             "bright row/column stripes mean the embeddings learned the 2D layout of the image.",
+    "sincos_dimensions": "Each image is one channel of the fixed 2D sinusoidal position embedding drawn over the "
+                         "patch grid (red +1, blue -1): the first half of the channels varies along the columns "
+                         "only, the second half along the rows only, each channel pair at its own frequency, so "
+                         "together they give every patch a distinct code.",
     "filter_components": "The top principal components of the patch-embedding filters (each scaled to its own "
                          "range; the percentage is its share of the filters' variance): smooth low-frequency "
                          "patterns mean the first layer learned a basis for the fine structure inside a patch.",
@@ -148,6 +152,13 @@ def analyze_model(model, images: torch.Tensor, out_dir, mean=None, std=None, lab
         result[name] = {"grid": list(sim.shape[:2]), "kind": getattr(model, "pos_embed_kind", None),
                         "cosine_similarity": _round(sim, 4)}
         add_figure(name, path, "Position embedding similarity")
+        if getattr(model, "pos_embed_kind", None) == "sincos_2d":
+            maps, dims = model_sincos_dimension_maps(model)
+            name = "sincos_dimensions"
+            path = figures.plot_sincos_dimensions(maps, dims, int(getattr(model, "embed_dim", maps.shape[0])),
+                                                  out_dir / f"{name}.png")
+            result[name] = {"dims": dims, "grid": list(maps.shape[1:])}
+            add_figure(name, path, "Sinusoidal position embedding per dimension")
 
     # ---- patch-embedding filters
     convmixer = is_convmixer(model)

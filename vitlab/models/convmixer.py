@@ -8,37 +8,67 @@
 ConvMixer-h/d: width h, depth d, patch size p, kernel size k. The resolution h x (H/p) x (W/p)
 is kept through the whole network (isotropic, like ViT). Named variants at the bottom.
 
+The paper's ablations switch parts off: `residual=False` drops the skip connection around the
+spatial mixing, `norm` replaces BatchNorm ('layer': LayerNorm over the channels at each position,
+'group': GroupNorm, 'none'), and `drop_path_rate` adds stochastic depth on the residual branch
+(rising linearly from 0 at the first layer to the rate at the last, as in timm).
+
 Kernel size must be odd: 'same' padding of an even kernel is asymmetric (one more pixel on one
 side), which shifts every layer's output by half a pixel; the paper only uses odd kernels
 (3, 5, 7, 9), so an even one is rejected rather than silently shifted.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..errors import ConfigError, did_you_mean
-from .layers import check_input, to_2tuple
+from .layers import DropPath, check_input, to_2tuple
 from .registry import register_family
 
 ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
+NORMS = ("batch", "layer", "group", "none")
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each position of a (B, C, H, W) map (ConvNeXt's 'channels-wise LN')."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(dim)
+    if kind == "layer":
+        return LayerNorm2d(dim)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(dim, 32), dim)  # 32 groups (Wu & He) where the width allows
+    return nn.Identity()
 
 
 class ConvMixerLayer(nn.Module):
-    """One ConvMixer layer: residual(depthwise k x k -> act -> BN), then pointwise 1x1 -> act -> BN."""
+    """One ConvMixer layer: residual(depthwise k x k -> act -> norm), then pointwise 1x1 -> act -> norm."""
 
-    def __init__(self, dim: int, kernel_size: int, act: type[nn.Module]):
+    def __init__(self, dim: int, kernel_size: int, act: type[nn.Module], residual: bool = True,
+                 norm: str = "batch", drop_path: float = 0.0):
         super().__init__()
         # groups=dim: one k x k filter per channel (spatial mixing only); odd k -> symmetric 'same'
         self.dw = nn.Conv2d(dim, dim, kernel_size, groups=dim, padding=kernel_size // 2)
         self.dw_act = act()
-        self.dw_norm = nn.BatchNorm2d(dim)
+        self.dw_norm = make_norm(norm, dim)
         self.pw = nn.Conv2d(dim, dim, 1)
         self.pw_act = act()
-        self.pw_norm = nn.BatchNorm2d(dim)
+        self.pw_norm = make_norm(norm, dim)
+        self.residual = residual
+        self.norm_kind = norm
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dw_norm(self.dw_act(self.dw(x)))  # residual around the spatial mixing only
+        y = self.dw_norm(self.dw_act(self.dw(x)))
+        x = x + self.drop_path(y) if self.residual else y  # residual around the spatial mixing only
         return self.pw_norm(self.pw_act(self.pw(x)))
 
 
@@ -50,6 +80,9 @@ class ConvMixer(nn.Module):
         img_size: default input size (for FLOPs and reports). The network is convolutional:
             any size that is a multiple of `patch_size` works at run time.
         drop_rate: dropout before the classifier.
+        residual: the skip connection around each layer's spatial mixing (off: the paper's ablation).
+        norm: 'batch' (the paper's), 'layer' (channels-wise LayerNorm), 'group' or 'none'; also in the stem.
+        drop_path_rate: stochastic depth of the residual branch at the last layer (linear from 0).
         head_zero_init: zero-initialise the classifier (for fine-tuning).
     """
 
@@ -65,6 +98,9 @@ class ConvMixer(nn.Module):
         img_size=224,
         drop_rate: float = 0.0,
         head_zero_init: bool = False,
+        residual: bool = True,
+        norm: str = "batch",
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         for name, v in dict(dim=dim, depth=depth, patch_size=patch_size, kernel_size=kernel_size,
@@ -80,6 +116,16 @@ class ConvMixer(nn.Module):
                               f"Choose one of: {', '.join(ACTS)}.")
         if not 0.0 <= drop_rate < 1.0:
             raise ConfigError(f"drop_rate={drop_rate} must be in [0, 1)")
+        if norm not in NORMS:
+            raise ConfigError(f"norm={norm!r} is not valid.{did_you_mean(str(norm), NORMS)} "
+                              f"Choose one of: {', '.join(NORMS)}.")
+        if not isinstance(residual, bool):
+            raise ConfigError(f"residual must be true or false, got {residual!r}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ConfigError(f"drop_path_rate={drop_path_rate} must be in [0, 1)")
+        if drop_path_rate > 0 and not residual:
+            raise ConfigError("drop_path_rate drops the residual branch, and residual=false has none; "
+                              "set drop_path_rate=0 or residual=true")
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ConfigError(f"num_classes must be a non-negative integer, got {num_classes!r}")
         self.img_size = to_2tuple(img_size)
@@ -96,6 +142,8 @@ class ConvMixer(nn.Module):
         self.patch_size = (patch_size, patch_size)
         self.kernel_size = kernel_size
         self.act = act
+        self.residual = residual
+        self.norm = norm
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.grid_size = (h // patch_size, w // patch_size)
@@ -103,8 +151,10 @@ class ConvMixer(nn.Module):
 
         self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
         self.patch_act = act_layer()
-        self.patch_norm = nn.BatchNorm2d(dim)
-        self.blocks = nn.Sequential(*[ConvMixerLayer(dim, kernel_size, act_layer) for _ in range(depth)])
+        self.patch_norm = make_norm(norm, dim)
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*[ConvMixerLayer(dim, kernel_size, act_layer, residual, norm, r)
+                                      for r in rates])
         self.head_drop = nn.Dropout(drop_rate)
         self._build_head(num_classes, head_zero_init)
 
@@ -135,7 +185,7 @@ class ConvMixer(nn.Module):
         self.grid_size = (img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1])
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding z0 = BN(act(conv_p(x))), shape (B, dim, H/p, W/p)."""
+        """Patch embedding z0 = norm(act(conv_p(x))), shape (B, dim, H/p, W/p)."""
         check_input(x, self.in_chans, self.img_size, self.patch_size, dynamic=True)
         return self.patch_norm(self.patch_act(self.patch_embed(x)))
 

@@ -429,16 +429,23 @@ VARIANTS: dict[str, dict] = {
     "resnet50_bit": dict(layers=(3, 4, 6, 3), width_factor=1, block="bottleneck", stem="fixed"),
     "resnet101_bit": dict(layers=(3, 4, 23, 3), width_factor=1, block="bottleneck", stem="fixed"),
     "resnet50x3_bit": dict(layers=(3, 4, 6, 3), width_factor=3, block="bottleneck", stem="fixed"),
+    # BiT's large models (Kolesnikov et al. 2020; the ViT paper's BiT-L baseline is R152x4)
+    "resnet152x2_bit": dict(layers=(3, 8, 36, 3), width_factor=2, block="bottleneck", stem="fixed"),
+    "resnet152x4_bit": dict(layers=(3, 8, 36, 3), width_factor=4, block="bottleneck", stem="fixed"),
     # ResNet-18 layout (pre-activation basic blocks, 2-2-2-2) at half width with the CIFAR stem:
     # ~2.8M parameters, cheap enough for 28-32 px images on a CPU
     "resnet_small": dict(layers=(2, 2, 2, 2), width_factor=0.5, block="basic", stem="cifar"),
 }
 ALIASES = {"BiT-R50x1": "resnet50_bit", "ResNet-50": "resnet50_bit", "R50x1": "resnet50_bit",
            "BiT-R101x1": "resnet101_bit", "ResNet-101": "resnet101_bit", "BiT-R50x3": "resnet50x3_bit",
-           "R50x3": "resnet50x3_bit", "ResNet-18-small": "resnet_small"}
+           "R50x3": "resnet50x3_bit", "ResNet-18-small": "resnet_small",
+           "BiT-R152x2": "resnet152x2_bit", "R152x2": "resnet152x2_bit",
+           "BiT-R152x4": "resnet152x4_bit", "R152x4": "resnet152x4_bit"}
 DESCRIPTIONS = {"resnet50_bit": "BiT ResNet-50 (R50x1): GN + weight standardisation, pre-activation",
                 "resnet101_bit": "BiT ResNet-101 (R101x1)",
                 "resnet50x3_bit": "BiT ResNet-50x3 (3x wider)",
+                "resnet152x2_bit": "BiT ResNet-152x2 (2x wider)",
+                "resnet152x4_bit": "BiT ResNet-152x4 (4x wider, BiT-L)",
                 "resnet_small": "half-width pre-act ResNet-18 with a 3x3 stem, for 28-32 px images"}
 DEFAULT_IMG = {"resnet_small": 32}
 

@@ -84,6 +84,9 @@ def register(sub) -> None:
     s.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the study's own)")
     s.add_argument("--out", default=None, help="output folder (default: results/NAME)")
     s.add_argument("--no-plot", action="store_true", help="skip plot.png (default: off, the plot is written)")
+    s.add_argument("--preset", default="small", choices=["small", "paper"],
+                   help="small: minutes on 2 CPU cores; paper: the paper's setting (data set, model sizes, epochs) "
+                        "for a GPU machine, its expected cost printed first (default: %(default)s)")
     s.add_argument("--list", action="store_true",
                    help="only print the runs the study would train (default: off)")
     s.set_defaults(func=run_study_cmd, _parser=s)
@@ -253,15 +256,19 @@ def run_study_cmd(args) -> int:
     _intermixed(args)
     if args.list:
         study = get_study(args.name)
-        params, _ = resolve_params(study, args.overrides, args.dataset, args.epochs)
+        params, _ = resolve_params(study, args.overrides, args.dataset, args.epochs, args.preset)
+        if args.preset == "paper":
+            from .study import preset_banner
+
+            print(preset_banner(study, params))
         for spec in study.build(params):
             print(spec.name, spec.columns)
         return 0
     command = "vitlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rows = run_study(args.name, args.out, args.overrides, args.dataset, args.epochs, plot=not args.no_plot,
-                     command=command)
-    if rows:
-        from .study import to_markdown
+                     command=command, preset=args.preset)
+    if rows:  # (process 0 only under torchrun) the arms with mean ± std, the claims' verdicts, the runs
+        from pathlib import Path
 
-        print(to_markdown(rows))
+        print((Path(args.out or Path("results") / args.name) / "table.md").read_text())
     return 0

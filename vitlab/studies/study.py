@@ -13,9 +13,13 @@ with the same table as an uninterrupted one. Under `torchrun --nproc-per-node N 
 study ...` every process trains its own share of the runs (run i on process i mod N, one
 process per run at a time); process 0 writes the table once every run is finished.
 
-Outputs: table.csv and table.md (one row per run: the grid values, training-set size,
-images seen, parameters, forward FLOPs per image, training FLOPs = counted forward+backward
-FLOPs per image x images seen, final and best validation accuracy), plot.png and meta.json
+Every arm (a point of the grid) runs with several seeds (`seeds=0,1,2` by default).
+Outputs: runs.csv (one row per run: the grid values, training-set size, images seen,
+parameters, forward FLOPs per image, training FLOPs = counted forward+backward FLOPs per image
+x images seen, final and best validation accuracy), table.csv (one row per arm: mean, sample
+standard deviation and spread = best - worst seed of each metric, and a verdict saying whether
+the paper's claimed difference is larger than the noise), table.md (both, plus the claims),
+plot.png (means with one-standard-deviation error bars) and meta.json
 (command, machine, wall times). Wall times are kept out of the table, which depends only on
 the runs' results.
 """
@@ -59,6 +63,24 @@ class Study:
     build: Callable[[dict], list[RunSpec]]
     plot: Callable[[list[dict], dict, Path], None]
     base: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields common to every run
+    # the paper's claimed differences, each checked against the seed-to-seed spread
+    claims: list["Claim"] = field(default_factory=list)
+    # `--preset paper`: the paper's setting (option values) and what it costs, printed before it starts
+    paper: dict[str, Any] = field(default_factory=dict)
+    paper_cost: str = ""                        # the paper's setting, in words
+    paper_images: int = 0                       # training-set size of that setting (for the compute estimate)
+
+
+@dataclass
+class Claim:
+    """The paper says arms matching `better` beat arms matching `worse` (by `margin`, accuracy
+    points as a fraction; 0 = "not worse"). Arms are paired on every other grid column, so one
+    claim covers e.g. every training-set fraction."""
+    better: dict[str, Any]
+    worse: dict[str, Any]
+    text: str
+    metric: str = "val_acc"
+    pair_on: tuple[str, ...] | None = None       # grid columns to pair arms on (None: all others)
 
 
 STUDIES: dict[str, Study] = {}
@@ -111,14 +133,25 @@ def _parse_value(text: str, default: Any, key: str) -> Any:
         else str(text)
 
 
+PRESETS = ("small", "paper")
+
+
 def resolve_params(study: Study, overrides: list[str] | dict | None = None, dataset: str | None = None,
-                   epochs: int | None = None) -> tuple[dict, dict]:
+                   epochs: int | None = None, preset: str = "small") -> tuple[dict, dict]:
     """(study parameters, TrainConfig fields for every run) from `key=value` overrides.
 
     Study parameters are the keys of `study.params` (lists take comma-separated values);
     `train.FIELD=value` sets a TrainConfig field of every run (e.g. train.batch_size=256,
-    train.data_dir=/data); `--dataset`/`--epochs` set the usual two."""
+    train.data_dir=/data); `--dataset`/`--epochs` set the usual two. `preset='paper'` starts
+    from the paper's setting (`study.paper`) instead of the small defaults."""
+    from ..errors import check_choice
+
+    check_choice("preset", preset, PRESETS)
     params = dict(study.params)
+    if preset == "paper":
+        if not study.paper:
+            raise ConfigError(f"study {study.name!r} has no paper preset; scale it with key=value options")
+        params.update(study.paper)
     train: dict[str, Any] = {}
     items = overrides.items() if isinstance(overrides, dict) else \
         [tuple(o.split("=", 1)) if "=" in o else (o, None) for o in (overrides or [])]
@@ -156,12 +189,16 @@ def read_summary(run_dir: Path) -> dict | None:
     return s if s.get("finished") else None
 
 
+# study options that are training fields of every run where the study's runs do not set them
+FORWARDED = ("train_fraction", "img_size")
+
+
 def make_config(study: Study, params: dict, train: dict, spec: RunSpec, out: Path, session: dict | None = None):
     from ..train.config import TrainConfig, apply_overrides
 
     cfg = TrainConfig(progress=False, tensorboard=False)
     fields = {**study.base, "dataset": params.get("dataset", "digits"), "epochs": int(params.get("epochs", 1)),
-              **spec.overrides}
+              **{k: params[k] for k in FORWARDED if k in params}, **spec.overrides}
     cfg = apply_overrides(cfg, fields)
     # train.FIELD overrides: text from the command line is parsed like `vitlab train key=value`
     cfg = apply_overrides(cfg, {k: v for k, v in train.items() if not isinstance(v, str)})
@@ -299,17 +336,124 @@ def collect_row(out: Path, spec: RunSpec) -> dict:
     return row
 
 
+# ----------------------------------------------------------------------------- seeds -> arms
+STAT_METRICS = ("val_acc", "best_val_acc", "val_loss")
+# per-run columns that differ between the seeds of one arm (everything else identifies the arm)
+_PER_RUN = {"run", "seed", "val_acc", "best_val_acc", "val_loss", "images_seen", "train_gflops", "train_images"}
+# measured, not chosen: never used to pair the arms a claim compares
+_DERIVED = {"params", "fwd_mflops_per_image"}
+
+
+def arm_key(row: dict) -> tuple:
+    return tuple((k, row[k]) for k in row if k not in _PER_RUN and not k.startswith("_"))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n-1; None for a single seed: no spread is known)."""
+    import statistics
+
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate_arms(rows: list[dict]) -> list[dict]:
+    """One row per arm (runs equal in every grid column but the seed): the grid columns, the
+    seeds, and mean, standard deviation and spread (max - min) of each metric over the seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(arm_key(r), []).append(r)
+    arms = []
+    for key, rs in groups.items():
+        arm = {**dict(key), "seeds": len(rs), "_grid": {k: v for k, v in key if k not in _DERIVED}}
+        for extra in ("train_images", "images_seen", "train_gflops"):
+            vals = [r[extra] for r in rs if r.get(extra) is not None]
+            if vals:
+                arm[extra] = vals[0] if len(set(vals)) == 1 else round(sum(vals) / len(vals), 3)
+        for m in STAT_METRICS:
+            vals = [float(r[m]) for r in rs if r.get(m) is not None]
+            if not vals:
+                continue
+            mean, std = _mean_std(vals)
+            arm[f"{m}_mean"] = round(mean, 4)
+            arm[f"{m}_std"] = None if std is None else round(std, 4)
+            arm[f"{m}_spread"] = round(max(vals) - min(vals), 4)
+        arms.append(arm)
+    return arms
+
+
+def _matches(arm: dict, sel: dict) -> bool:
+    return all(str(arm.get(k)) == str(v) for k, v in sel.items())
+
+
+def judge_claims(arms: list[dict], claims: list[Claim]) -> list[dict]:
+    """For each claim and each pair of arms it compares (equal in every other grid column): the
+    measured difference, the noise (the two arms' standard deviations combined, sqrt(sa^2 + sb^2),
+    the standard deviation of a difference of two independent runs) and the verdict."""
+    import math
+
+    out = []
+    for c in claims:
+        keys = set(c.better) | set(c.worse)
+        for a in arms:
+            if not _matches(a, c.better):
+                continue
+            rest = {k: v for k, v in a["_grid"].items() if k not in keys and (c.pair_on is None or k in c.pair_on)}
+            for b in arms:
+                if b is a or not _matches(b, c.worse) or not _matches(b, rest):
+                    continue
+                ma, mb = a.get(f"{c.metric}_mean"), b.get(f"{c.metric}_mean")
+                if ma is None or mb is None:
+                    continue
+                sa, sb = a.get(f"{c.metric}_std"), b.get(f"{c.metric}_std")
+                diff = ma - mb
+                noise = None if sa is None or sb is None else math.sqrt(sa ** 2 + sb ** 2)
+                if noise is None:
+                    verdict = "one seed: spread unknown"
+                elif abs(diff) <= noise:
+                    verdict = "within the spread"
+                elif diff > 0:
+                    verdict = "holds (beyond the spread)"
+                else:
+                    verdict = "reversed (beyond the spread)"
+                label = ", ".join(f"{k}={v}" for k, v in rest.items()) or "-"
+                out.append({"claim": c.text, "better": _sel(c.better), "worse": _sel(c.worse), "at": label,
+                            "diff": round(diff, 4), "noise": None if noise is None else round(noise, 4),
+                            "diff_over_noise": None if not noise else round(diff / noise, 2),
+                            "verdict": verdict, "_arm": a})
+    return out
+
+
+def _sel(sel: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sel.items())
+
+
+def arms_with_verdicts(arms: list[dict], verdicts: list[dict]) -> list[dict]:
+    """The arm table with a verdict column: for the arm a claim says is better, the verdict
+    against each arm it is compared with."""
+    out = []
+    for a in arms:
+        v = [f"vs {x['worse']}: {x['verdict']} ({_fmt_pts(x['diff'])})" for x in verdicts if x["_arm"] is a]
+        out.append({**a, "verdict": "; ".join(v) or None})
+    return out
+
+
+def _fmt_pts(diff: float) -> str:
+    return f"{100 * diff:+.1f} pts"
+
+
 def _dist() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def run_study(name: str, out: str | Path | None = None, overrides: list[str] | dict | None = None,
               dataset: str | None = None, epochs: int | None = None, session: dict | None = None,
-              log=print, plot: bool = True, command: str | None = None) -> list[dict]:
+              log=print, plot: bool = True, command: str | None = None, preset: str = "small") -> list[dict]:
     """Run (or resume) every run of study `name` and write table.csv, table.md, plot.png and
     meta.json into `out` (default results/NAME). Returns the table rows."""
     study = get_study(name)
-    params, train = resolve_params(study, overrides, dataset, epochs)
+    params, train = resolve_params(study, overrides, dataset, epochs, preset)
+    if preset == "paper":
+        log(preset_banner(study, params, train))
     out = Path(out or Path("results") / name)
     out.mkdir(parents=True, exist_ok=True)
     specs = study.build(params)
@@ -336,8 +480,54 @@ def run_study(name: str, out: str | Path | None = None, overrides: list[str] | d
         for spec in specs:
             execute_run(study, params, train, spec, out, session, log)
     rows = [collect_row(out, s) for s in specs]
+    _check_seeds(rows, log)
     write_outputs(study, params, train, rows, out, plot, command, time.perf_counter() - t0, world)
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+
+
+# what a GPU sustains in mixed-precision training, for the cost estimate: 40% of an A100's 312
+# TFLOP/s dense bf16 (a typical utilisation for these models), stated with the estimate
+ESTIMATE_FLOPS_PER_S = 0.4 * 312e12
+
+
+def estimate_training_flops(study: Study, params: dict, train: dict, n_images: int) -> float:
+    """Counted training FLOPs of every run: 3 x forward FLOPs per image x epochs x the images it sees."""
+    import tempfile
+
+    total = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in study.build(params):
+            cfg = make_config(study, params, train, spec, Path(tmp))
+            fwd = forward_flops_per_image({**cfg.to_dict(), "num_classes": cfg.num_classes or 1000,
+                                           "in_chans": cfg.in_chans or 3, "img_size": cfg.img_size or 224})
+            total += 3 * fwd * cfg.epochs * n_images * cfg.train_fraction
+    return total
+
+
+def preset_banner(study: Study, params: dict, train: dict | None = None) -> str:
+    """What `--preset paper` is about to run and what it costs, printed before it starts."""
+    shown = ", ".join(f"{k}={v}" for k, v in params.items())
+    n_runs = len(study.build(params))
+    text = f"[{study.name}] paper preset: {study.paper_cost}; {n_runs} runs ({shown})"
+    if study.paper_images:
+        flops = estimate_training_flops(study, params, train or {}, study.paper_images)
+        hours = flops / ESTIMATE_FLOPS_PER_S / 3600
+        text += (f"\n[{study.name}] expected cost: {flops:.3g} training FLOPs (counted, {study.paper_images:,} "
+                 f"training images) = about {hours:,.1f} GPU-hours at 125 TFLOP/s (40% of an A100's bf16 peak)")
+    return text
+
+
+def _check_seeds(rows: list[dict], log) -> None:
+    if rows and any(r.get("seed") is not None for r in rows) and \
+            max(len(v) for v in _group_sizes(rows).values()) < 2:
+        log("note: one seed per arm, so the table has no spread; the verdicts need seeds>=2 (default 3)")
+
+
+def _group_sizes(rows):
+    g: dict = {}
+    for r in rows:
+        g.setdefault(arm_key(r), []).append(r)
+    return g
 
 
 def _wait_for(out: Path, run_name: str, log, timeout_s: float = 7 * 24 * 3600) -> None:
@@ -384,6 +574,37 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pm(arm: dict, m: str, scale: float) -> str:
+    mean, std = arm.get(f"{m}_mean"), arm.get(f"{m}_std")
+    if mean is None:
+        return "-"
+    digits = 1 if scale == 100 else 4
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" if std is not None else f"{scale * mean:.{digits}f}"
+
+
+def tables_markdown(arm_rows: list[dict], verdicts: list[dict], rows: list[dict]) -> str:
+    """Arms (metric mean ± std in percent over the seeds, spread = best - worst seed), the
+    claims' verdicts, then every run."""
+    skip = {f"{m}_{s}" for m in STAT_METRICS for s in ("mean", "std")}
+    view = []
+    for a in arm_rows:
+        v = {k: x for k, x in a.items() if k not in skip and k != "verdict"}
+        for m in STAT_METRICS:
+            if f"{m}_mean" in a:
+                spread = v.pop(f"{m}_spread")
+                if m == "val_loss":  # a loss as it is
+                    v[m], v[f"{m}_spread"] = _pm(a, m, 1.0), spread
+                else:                # accuracies in percent, their spread in points
+                    v[f"{m} (%)"], v[f"{m}_spread (pts)"] = _pm(a, m, 100.0), round(100 * spread, 2)
+        view.append(v)
+    text = "## arms (mean ± std over seeds)\n\n" + to_markdown(view)
+    if verdicts:
+        text += ("\n## the paper's claims against the spread\n\nnoise = sqrt(std_better² + std_worse²), the "
+                 "standard deviation of the difference of two single runs.\n\n"
+                 + to_markdown([{k: v for k, v in x.items() if not k.startswith("_")} for x in verdicts]))
+    return text + "\n## runs\n\n" + to_markdown(rows)
+
+
 def machine_description() -> str:
     import torch
 
@@ -399,8 +620,14 @@ def write_outputs(study: Study, params: dict, train: dict, rows: list[dict], out
                   command: str | None, wall: float, world: int) -> None:
     from ..train.checkpoint import atomic_write_text
 
-    atomic_write_text(out / "table.csv", to_csv(rows))
-    atomic_write_text(out / "table.md", f"# study `{study.name}`\n\n{study.description}\n\n" + to_markdown(rows))
+    arms = aggregate_arms(rows)
+    verdicts = judge_claims(arms, study.claims)
+    arm_rows = arms_with_verdicts(arms, verdicts)
+    # table.csv: one row per arm (mean, std, spread over the seeds, verdict); runs.csv: one row per run
+    atomic_write_text(out / "table.csv", to_csv(arm_rows))
+    atomic_write_text(out / "runs.csv", to_csv(rows))
+    tables = tables_markdown(arm_rows, verdicts, rows)
+    atomic_write_text(out / "table.md", f"# study `{study.name}`\n\n{study.description}\n\n" + tables)
     if plot:
         import matplotlib
 
@@ -426,5 +653,5 @@ def write_outputs(study: Study, params: dict, train: dict, rows: list[dict], out
               f"- command: `{meta['command']}`\n- machine: {meta['machine']}\n"
               f"- wall time: {wall_total / 60:.1f} min over {len(sessions)} invocation(s) "
               f"(training itself: {meta['total_run_wall_s'] / 60:.1f} min)\n\n"
-              + ("![plot](plot.png)\n\n" if plot else "") + to_markdown(rows))
+              + ("![plot](plot.png)\n\n" if plot else "") + tables)
     atomic_write_text(out / "README.md", readme)

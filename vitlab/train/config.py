@@ -19,8 +19,8 @@ from typing import Any
 from ..errors import ConfigError, check_choice, did_you_mean
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULES = ("cosine", "linear", "constant", "onecycle")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 # Fields that steer one invocation rather than define the run: never taken from a saved
 # config when resuming (a resumed run must not stop again at the old `max_steps`).
@@ -57,6 +57,7 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     label_smoothing: float = 0.0
+    random_erasing: float = 0.0        # probability an image gets one random rectangle erased (noise)
     # ---------------------------------------------------------------- optimisation
     epochs: int = 30
     batch_size: int = 64               # global: summed over processes and accumulation steps
@@ -70,6 +71,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     warmup_steps: int | None = None    # overrides warmup_epochs when set
     schedule: str = "cosine"
+    layer_decay: float | None = None   # fine-tuning: block i's lr x layer_decay ** (depth - i); None: off
     grad_clip: float = 1.0             # global-norm clipping; 0 = off
     on_nonfinite: str = "stop"         # a NaN/inf loss or gradient: stop (the run diverged) or skip the step
     accum_steps: int = 1
@@ -127,13 +129,20 @@ class TrainConfig:
             precision = "bf16" if device_type == "cuda" and caps.bf16_native("cuda") else "fp32"
         elif precision == "bf16":
             caps.warn_emulated_bf16("training with precision=bf16", device_type)
+        elif precision == "fp16":
+            # fp16 needs a gradient scaler and fast fp16 kernels: a CUDA feature (CPU autocast to fp16
+            # is slow or missing); never silently train in another precision than asked
+            if device_type != "cuda":
+                raise ConfigError(f"precision=fp16 needs a CUDA GPU (device is {device_type}); use precision=bf16 "
+                                  f"or precision=fp32 here")
+            return torch.float16
         return torch.bfloat16 if precision == "bf16" else None
 
     def augment_kwargs(self) -> dict[str, Any]:
         return dict(random_resized_crop=self.random_resized_crop, rrc_scale=tuple(self.rrc_scale),
                     pad_crop=self.pad_crop, hflip=self.hflip, randaugment=self.randaugment,
                     mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
-                    label_smoothing=self.label_smoothing)
+                    label_smoothing=self.label_smoothing, random_erasing=self.random_erasing)
 
     def model_overrides(self) -> dict[str, Any]:
         kw = dict(self.model_kwargs)
@@ -183,6 +192,9 @@ class TrainConfig:
              f"betas={list(self.betas)} must be two numbers in [0, 1), e.g. betas=[0.9,0.999]")
         need(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         need(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha and cutmix_alpha must be >= 0")
+        need(0 <= self.random_erasing <= 1, f"random_erasing={self.random_erasing} must be a probability in [0, 1]")
+        need(self.layer_decay is None or 0 < self.layer_decay <= 1,
+             f"layer_decay={self.layer_decay} must be in (0, 1], e.g. layer_decay=0.75 (null: off)")
         need(self.pad_crop >= 0, f"pad_crop={self.pad_crop} must be >= 0")
         need(0 < self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in (0, 1)")
         need(0 < self.train_fraction <= 1, f"train_fraction={self.train_fraction} must be in (0, 1]")
@@ -416,6 +428,8 @@ FIELD_HELP = {
     "mixup_alpha": "mixup Beta(alpha, alpha); 0 = off",
     "cutmix_alpha": "cutmix Beta(alpha, alpha); 0 = off",
     "label_smoothing": "label smoothing epsilon",
+    "random_erasing": "probability that an image gets one random rectangle (2-33% of its area) replaced by "
+                      "noise (Zhong et al.; ConvMixer recipe); 0 = off",
     "epochs": "passes over the training set",
     "batch_size": "global batch (over all processes and accumulation steps)",
     "eval_batch_size": "batch size for evaluation",
@@ -427,12 +441,16 @@ FIELD_HELP = {
     "momentum": "SGD momentum",
     "warmup_epochs": "linear warmup length in epochs",
     "warmup_steps": "linear warmup length in steps (overrides warmup_epochs)",
-    "schedule": "cosine, linear or constant decay after warmup (per step)",
+    "schedule": "cosine, linear or constant decay after warmup (per step); onecycle: from lr/25 up to lr over "
+                "the warmup (30% of the steps if 0) then down to min_lr, cosine both ways",
+    "layer_decay": "layer-wise lr decay for fine-tuning ViTs: block i trains at lr x layer_decay ** (depth - i), "
+                   "the head at lr (e.g. 0.75; null: off)",
     "grad_clip": "clip the global gradient norm (0 = off)",
     "on_nonfinite": "a NaN/inf loss or gradient: stop (diverged; the last good checkpoint is kept) or skip the step",
     "accum_steps": "gradient accumulation steps per optimizer step",
     "ema_decay": "EMA of weights (0 = off); evaluation then uses the EMA",
-    "precision": "auto (bf16 on GPUs with native bf16, sm80+; fp32 on CPU), bf16 (autocast) or fp32",
+    "precision": "auto (bf16 on GPUs with native bf16, sm80+; fp32 on CPU), bf16 (autocast), fp16 (autocast with "
+                 "a gradient scaler; CUDA only) or fp32",
     "compile": "torch.compile the model",
     "cpu_allocator": "on CPU: tuned (glibc keeps freed tensor memory for reuse instead of fresh, page-faulting "
                      "mmaps: ConvMixer-768/32 bf16 training 2.4x faster) or system (glibc as it is)",

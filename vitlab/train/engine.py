@@ -462,6 +462,9 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                               "`torchrun --nproc-per-node N -m vitlab train ...` (or drop fsdp)")
         D.wrap_fsdp(raw, info, amp_dtype)
     optimizer = build_optimizer(raw, cfg)
+    # precision=fp16: scale the loss so small gradients survive fp16; the scaler skips a step whose
+    # gradients overflowed and lowers the scale (disabled, it passes everything through unchanged)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ModelEma(raw, cfg.ema_decay) if cfg.ema_decay > 0 and not cfg.fsdp else None
     if cfg.ema_decay > 0 and cfg.fsdp:
         raise ConfigError("ema_decay with fsdp=true is not supported; use DDP (fsdp=false) or ema_decay=0")
@@ -500,6 +503,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                 raise CheckpointError("the checkpoint has no EMA weights but ema_decay > 0; resume with "
                                       "ema_decay=0 or start a new run")
             ema.load_state_dict(ema_w)
+        if scaler.is_enabled() and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])  # fp16: continue at the loss scale it had reached
         start_step = int(state["step"])
         train_data.restore(state.get("data_position"))
         best = state.get("best")
@@ -613,6 +618,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                                    "schedule": cfg.schedule},
                      "rng": rng, "data_position": data_pos, "threads": threads, "config": cfg.to_dict(),
                      "best": best, "sums": sums, "skipped_steps": skipped,
+                     "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
                      "wall_s": prior_wall + time.perf_counter() - wall0}
             ckpt.save_checkpoint(run_dir / "checkpoints", step, weights, _meta(cfg, bundle, step, epoch_done), state,
                                  ema.state_dict() if ema is not None else None)
@@ -677,7 +683,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                 lr = lr_at(step, base_lr=cfg.lr, min_lr=cfg.min_lr, total_steps=total_steps, warmup_steps=warmup,
                            schedule=cfg.schedule)
                 for g in optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: layer_decay's per-layer factor
                 step_loss = torch.zeros((), device=device)
                 step_metrics: dict[str, torch.Tensor] = {}
                 for m, (xb, yb) in enumerate(parts):
@@ -689,10 +695,11 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                     with sync:
                         with _autocast(device, amp_dtype):
                             loss, metrics = objective.loss(train_model, x, y)
-                        (loss / A).backward()
+                        scaler.scale(loss / A).backward()
                     step_loss += loss.detach().float() / A
                     for k, v in metrics.items():
                         step_metrics[k] = step_metrics.get(k, 0.0) + torch.as_tensor(v).detach().float() / A
+                scaler.unscale_(optimizer)  # the true gradients, for clipping and the guard
                 if cfg.grad_clip > 0:
                     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=device.type != "cpu" or None)
                 else:
@@ -700,7 +707,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                 # Divergence guard, before the update: a non-finite loss or gradient never reaches the
                 # weights, so the last checkpoint and the weights stay finite. (One host sync per step:
                 # free on CPU, small next to a step on GPU.) Every rank must take the same decision.
-                local_bad = not (_finite(step_loss) and _finite(norm))
+                # (fp16: overflowing gradients are the scaler's business, it skips that step itself)
+                local_bad = not (_finite(step_loss) and (scaler.is_enabled() or _finite(norm)))
                 stop_signal, any_bad = _agree(interrupt.signum, local_bad, info)
                 if any_bad:
                     optimizer.zero_grad(set_to_none=True)
@@ -718,7 +726,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                              f"{skipped} skipped so far)")
                 else:
                     skipped_in_a_row = 0
-                    optimizer.step()
+                    scaler.step(optimizer)
+                    scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     if ema is not None:
                         ema.update(raw)
