@@ -11,7 +11,7 @@ tensors, plus ConvMixer's weight figures and CvT's per-stage attention distance.
 
 The names are imported on first use (PEP 562), so `vitlab analyze --help` does not import torch.
 """
-import importlib as _importlib
+from .._lazy import lazy_names as _lazy_names
 
 # public name -> submodule that defines it
 _LAZY = {
@@ -40,13 +40,4 @@ __all__ = ["attention_distance", "attention_rollout", "pos_embed_similarity", "e
            "sincos_dimension_maps", "analyze_model", "analyze_run", "write_report"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY, globals())

@@ -6,7 +6,7 @@ vitlab, int8 quantisation with ONNX Runtime, and batched, streamed prediction ov
     for r in predict_iter("runs/NAME", ["photos/"], batch_size=64):
         print(r["path"], r.get("top") or r["error"])
 """
-import importlib as _importlib
+from .._lazy import lazy_names as _lazy_names
 
 from .options import FORMATS
 
@@ -15,11 +15,6 @@ _LAZY = {"export": "export", "predict_iter": "predict", "iter_image_paths": "pre
          "load_spec": "preprocess"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY, globals())
 
 __all__ = ["FORMATS", "export", "predict_iter", "iter_image_paths", "Preprocess", "load_spec"]

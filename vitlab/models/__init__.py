@@ -1,7 +1,7 @@
 """The model zoo. The first use of any name here (or of the registry's lookups) imports every
 family's module, which registers its named variants; importing the package itself stays light
 (PEP 562), so the `vitlab` command can register its sub-commands without importing torch."""
-import importlib as _importlib
+from .._lazy import lazy_names as _lazy_names
 
 # public name -> submodule that defines it
 _LAZY = {
@@ -16,18 +16,10 @@ __all__ = ["create_model", "list_models", "get_spec", "resolve_name", "VisionTra
            "resample_abs_pos_embed", "sincos_1d", "sincos_2d"]
 
 
-def __getattr__(name: str):
-    # Any other name (a submodule: `from . import fast`) is AttributeError without side effects,
-    # so that the import system then imports the submodule itself.
-    if name in _LAZY:
-        from .registry import load_families
+def _load_families() -> None:
+    from .registry import load_families
 
-        load_families()  # every family registered before any name is used
-        value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    load_families()  # every family registered before any name is used
 
 
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY, globals(), before=_load_families)

@@ -5,7 +5,7 @@
 The names are imported on first use (PEP 562): `vitlab.train.cli` registers the sub-commands
 without importing torch.
 """
-import importlib as _importlib
+from .._lazy import lazy_names as _lazy_names
 import sys as _sys
 import types as _types
 
@@ -22,16 +22,7 @@ __all__ = ["TrainConfig", "train", "evaluate", "finetune", "predict", "load_mode
            "apply_overrides", "load_config", "Objective", "ClassificationObjective", "register_objective"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY, globals())
 
 
 # `vitlab.train(config)` trains (the API the README shows) while `vitlab.train.checkpoint` etc.
