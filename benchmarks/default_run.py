@@ -57,7 +57,7 @@ def cpu_label() -> str:
     return f"{os.cpu_count()}-core {name} ({', '.join(traits)})"
 
 
-THREADS = re.compile(r"\((\d+) threads?\)")
+THREADS = re.compile(r"\((\d+) (?:CPU )?threads?\)")
 
 
 def main() -> None:
