@@ -295,17 +295,22 @@ _TIMM_CONVMIXER = ((r"^stem\.0\.", "patch_embed."), (r"^stem\.2\.", "patch_norm.
                    (r"^blocks\.(\d+)\.1\.", r"blocks.\1.pw."), (r"^blocks\.(\d+)\.3\.", r"blocks.\1.pw_norm."))
 
 
-def timm_convmixer_to_vitlab(sd: dict) -> dict:
-    """timm's ConvMixer state dict (the paper authors' nn.Sequential layout) in vitlab names."""
+def rename_keys(sd: dict, rules) -> dict:
+    """`sd` with each key renamed by the first (regex, replacement) rule that matches it (others kept)."""
     out = {}
     for k, v in sd.items():
-        for pat, rep in _TIMM_CONVMIXER:
+        for pat, rep in rules:
             new, n = re.subn(pat, rep, k)
             if n:
                 k = new
                 break
         out[k] = v
     return out
+
+
+def timm_convmixer_to_vitlab(sd: dict) -> dict:
+    """timm's ConvMixer state dict (the paper authors' nn.Sequential layout) in vitlab names."""
+    return rename_keys(sd, _TIMM_CONVMIXER)
 
 
 def npz_vit_to_vitlab(arrays: dict, model: nn.Module | None = None) -> tuple[dict, str]:

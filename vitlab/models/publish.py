@@ -220,27 +220,18 @@ def _norm(info: dict, model) -> tuple[list, list]:
 
 # ============================================================================ timm
 def _timm_state_dict(model) -> dict:
-    import re
-
+    from .convert import rename_keys
     from .convmixer import ConvMixer
     from .vit import VisionTransformer
 
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if isinstance(model, VisionTransformer):
-        return {re.sub(r"^pre_logits\.0\.", "pre_logits.fc.", k): v for k, v in sd.items()}
+        return rename_keys(sd, ((r"^pre_logits\.0\.", "pre_logits.fc."),))
     if isinstance(model, ConvMixer):
         inverse = ((r"^patch_embed\.", "stem.0."), (r"^patch_norm\.", "stem.2."),
                    (r"^blocks\.(\d+)\.dw\.", r"blocks.\1.0.fn.0."), (r"^blocks\.(\d+)\.dw_norm\.", r"blocks.\1.0.fn.2."),
                    (r"^blocks\.(\d+)\.pw\.", r"blocks.\1.1."), (r"^blocks\.(\d+)\.pw_norm\.", r"blocks.\1.3."))
-        out = {}
-        for k, v in sd.items():
-            for pat, rep in inverse:
-                k2, n = re.subn(pat, rep, k)
-                if n:
-                    k = k2
-                    break
-            out[k] = v
-        return out
+        return rename_keys(sd, inverse)
     return sd
 
 
