@@ -108,8 +108,8 @@ def test_options_are_checked():
     params, train = S.resolve_params(study, ["lrs=1e-3,3e-3", "seeds=0", "train.weight_decay=0.1"], epochs=3)
     assert params["lrs"] == [1e-3, 3e-3] and params["epochs"] == 3 and train == {"weight_decay": "0.1"}
     runs = study.build(params)
-    assert [r.columns["pool"] for r in runs] == ["cls", "cls", "gap", "gap"]
-    assert {r.overrides["model_kwargs"]["global_pool"] for r in runs} == {"token", "avg"}
+    assert [r.columns["pool"] for r in runs] == ["cls", "cls", "gap", "gap", "map", "map"]
+    assert {r.overrides["model_kwargs"]["global_pool"] for r in runs} == {"token", "avg", "map"}
     with pytest.raises(ConfigError, match="lrs"):
         S.resolve_params(study, ["lr=1e-3"])
     with pytest.raises(ConfigError, match="integer"):

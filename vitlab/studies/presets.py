@@ -171,7 +171,7 @@ def _pooling_runs(p):
     for pool in p["pools"]:
         for lr in p["lrs"]:
             for seed in p["seeds"]:
-                gp = {"cls": "token", "gap": "avg"}[pool]
+                gp = {"cls": "token", "gap": "avg", "map": "map"}[pool]
                 runs.append(RunSpec(f"{pool}-lr{_slug(lr)}-s{seed}",
                                     {**_model_fields(p["model"], {"global_pool": gp}), "lr": float(lr),
                                      "seed": int(seed), "batch_size": p["batch_size"], "min_lr": 0.0},
@@ -181,11 +181,11 @@ def _pooling_runs(p):
 
 register_study(Study(
     name="pooling",
-    description="Class token (CLS) against global average pooling (GAP) of the patch tokens, across a "
-                "learning-rate sweep.",
+    description="Class token (CLS) against global average pooling (GAP) of the patch tokens, and big_vision's "
+                "multi-head attention pooling (MAP) as the third arm, across a learning-rate sweep.",
     claim="ViT paper (Appendix D.3, Fig. 9): both work equally well, but need different learning rates; "
           "GAP with the CLS learning rate performs poorly.",
-    params={"dataset": "digits", "epochs": 30, "model": "vit_nano_p2", "pools": ["cls", "gap"],
+    params={"dataset": "digits", "epochs": 30, "model": "vit_nano_p2", "pools": ["cls", "gap", "map"],
             "lrs": [3e-4, 1e-3, 3e-3, 1e-2], "seeds": [0, 1, 2], "batch_size": 64},
     claims=[Claim({"pool": "cls"}, {"pool": "gap"}, "GAP at the CLS learning rate performs poorly (ViT Fig. 9)")],
     paper={"dataset": "imagefolder", "img_size": 224, "epochs": 90, "model": "vit_b16", "lrs": [1e-4, 3e-4, 1e-3, 3e-3],
