@@ -1,5 +1,5 @@
 // vitlab's CPU kernels for bf16 inference and training on x86-64 CPUs with AVX-512 BF16 (built at
-// first use by vitlab/models/cpu_kernels.py; every caller falls back to PyTorch's kernels without them).
+// first use by vitlab/accel/kernels.py; every caller falls back to PyTorch's kernels without them).
 //
 // attention: softmax(scale * Q K^T) V per (batch, head) in blocks of 32 query rows, with the whole
 //   key row in one block (no online softmax: ViT/CvT rows have at most a few thousand keys). Q K^T
@@ -620,7 +620,7 @@ std::vector<torch::Tensor> layer_norm_backward_bf16(torch::Tensor g, torch::Tens
 }
 
 // GELU(x) = x Phi(x) in place on bf16, with Phi from a piecewise cubic on 32 intervals of [-6, 4)
-// (coefficients fitted in float64 by vitlab/models/cpu_kernels.py; |error| < 4e-6, so the output's
+// (coefficients fitted in float64 by vitlab/accel/kernels.py; |error| < 4e-6, so the output's
 // relative error stays ~10x below bf16's rounding). Each interval's 4 coefficients come from
 // 32-entry tables held in registers (vpermt2ps), so a vector costs ~10 arithmetic operations
 // instead of PyTorch's erf (an exponential and a long polynomial). Outside [-6, 4) Phi is taken
@@ -978,7 +978,7 @@ bool use_amx(bool want) {
 bool amx_in_use() { return g_amx; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // the GIL is released while a kernel runs: inference streams (vitlab.models.fast.run_in_streams)
+  // the GIL is released while a kernel runs: inference streams (vitlab.accel.ops.run_in_streams)
   // and any other Python threads keep running
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("attention_bf16", &attention_bf16, nogil);
