@@ -25,10 +25,13 @@ Data sets and where each looks for its files (``data_dir`` given: that folder, t
   most common size), ``in_chans`` (3 or 1), ``fit`` ('center_crop': shorter side resized then the
   centre cut out, aspect kept; or 'squash'), ``cache`` (decoded arrays cached in
   ``$VITLAB_CACHE_DIR``, ``~/.cache/vitlab`` or ``data_dir/.vitlab_cache``), ``lazy`` ('auto':
-  decoded on the fly when the decoded set exceeds ``memory_budget_mb``, default 1024).
+  decoded on the fly when the decoded set exceeds ``memory_budget_mb``, default 1024),
+  ``interpolation`` (the resizing filter: 'bilinear', the default, 'bicubic' or 'nearest'; a run
+  fine-tuning published weights sets it to theirs).
 - ``shards``: WebDataset tar shards written by ``vitlab data shard`` (``data_dir`` = the brace
   pattern of the train shards, e.g. ``OUT/train-{000000..000099}.tar``; ``index.json`` beside them);
-  see :mod:`vitlab.data.shards`.
+  see :mod:`vitlab.data.shards`. Options ``image_size``, ``in_chans``, ``interpolation`` as for
+  ``imagefolder``, ``shuffle_buffer``, ``val_pattern``.
 - ``synthetic``: generated class-structured images (no files); options ``num_classes``,
   ``img_size``, ``in_chans``, ``n_train``, ``n_val``, ``noise``, ``seed``.
 
@@ -56,8 +59,8 @@ _OPTIONS = {
     "fashion-mnist": {"verify", "in_chans"},
     "cifar10": {"verify", "in_chans"},
     "cifar100": {"verify", "in_chans", "label_mode"},
-    "imagefolder": {"image_size", "in_chans", "fit", "cache", "lazy", "memory_budget_mb"},
-    "shards": {"image_size", "in_chans", "shuffle_buffer", "val_pattern"},
+    "imagefolder": {"image_size", "in_chans", "fit", "cache", "lazy", "memory_budget_mb", "interpolation"},
+    "shards": {"image_size", "in_chans", "shuffle_buffer", "val_pattern", "interpolation"},
     "synthetic": {"num_classes", "img_size", "in_chans", "n_train", "n_val", "noise", "seed"},
 }
 _ALIASES = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10",
@@ -173,19 +176,21 @@ def _bundle(key, train, val, class_names, meta, train_fraction, split_seed, stat
 
 
 def _load_imagefolder(data_dir, val_fraction, split_seed, on_bad_image, in_chans=3, image_size=None,
-                      fit="center_crop", cache=True, lazy="auto", memory_budget_mb=1024, meta=None, report=None):
+                      fit="center_crop", cache=True, lazy="auto", memory_budget_mb=1024, meta=None, report=None,
+                      interpolation="bilinear"):
     """(train, val, test or None, val_name, class_names, mean/std or None) of an image folder.
 
     In memory (decoded once, cached on disk) while the decoded pixels fit ``memory_budget_mb``;
     beyond it, or with ``lazy=True``, decoded on the fly (:class:`~vitlab.data.lazy.LazyImageFolder`)."""
-    from .imagefolder import (check_fit, decode_tree, describe_fit, find_split_dirs, most_common_size,
-                              parse_size, report_bad, scan)
+    from .imagefolder import (check_fit, check_resample, decode_tree, describe_fit, find_split_dirs,
+                              most_common_size, parse_size, report_bad, scan)
     from .lazy import LazyImageFolder, estimate_stats
 
     if data_dir is None:
         raise DataError("imagefolder needs a folder: pass --data-dir DIR (DIR/<class>/<image>.jpg, or "
                         "DIR/train/<class>/... and DIR/val/<class>/... and/or DIR/test/<class>/...)")
     check_fit(fit)
+    check_resample(interpolation)
     if lazy not in ("auto", True, False):
         raise ConfigError(f"lazy must be auto, true or false, got {lazy!r}")
     say = report or (lambda text: None)
@@ -210,9 +215,11 @@ def _load_imagefolder(data_dir, val_fraction, split_seed, on_bad_image, in_chans
         d = dirs[name]
         if use_lazy:
             classes, files = listing[name]
-            ds = LazyImageFolder([f[0] for f in files], [f[1] for f in files], size_hw, in_chans, fit, on_bad_image)
+            ds = LazyImageFolder([f[0] for f in files], [f[1] for f in files], size_hw, in_chans, fit, on_bad_image,
+                                 resample=interpolation)
             return ds, classes, [], False, None
-        x, y, classes, bad, cached, shapes = decode_tree(d, size_hw, in_chans, fit, cache, report=report)
+        x, y, classes, bad, cached, shapes = decode_tree(d, size_hw, in_chans, fit, cache, report=report,
+                                                         resample=interpolation)
         return ImageDataset(x, y), classes, bad, cached, shapes
 
     parts = {name: one_split(name) for name in dirs}

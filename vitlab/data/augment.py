@@ -40,6 +40,11 @@ def _pair(v) -> tuple[int, int]:
 class AugmentConfig:
     """What :class:`BatchTransform` does to training batches (eval batches are only resized).
 
+    ``interpolation`` is the resizing filter of both (bilinear, bicubic or nearest). ``crop_pct``
+    is the evaluation crop of published weights (timm's convention): eval batches are resized to
+    ``floor(img_size / crop_pct)`` and the centre ``img_size`` cut out; 1.0 (the default) resizes to
+    ``img_size`` directly.
+
     ``randaugment=(N, M)``: N operations per image at magnitude M on RandAugment's 0..30 scale
     (Cubuk et al.; e.g. (2, 9) or (2, 15)). ``pad_crop=p``: zero-pad p pixels and take a random
     crop back to ``img_size`` (the CIFAR recipe). With mixup and cutmix both on, each batch uses
@@ -62,6 +67,8 @@ class AugmentConfig:
     erase_ratio: tuple[float, float] = (0.3, 3.3)
     mix_prob: float = 1.0
     switch_prob: float = 0.5
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
     # kornia's RandAugment picks one operation sequence per call; applying it to groups of this
     # many images gives different operations across the batch at a few calls per batch.
     randaugment_group: int = 32
@@ -95,6 +102,11 @@ class AugmentConfig:
                 raise ConfigError(f"{k} must be in [0, 1], got {getattr(self, k)}")
         if int(self.randaugment_group) < 1:
             raise ConfigError(f"randaugment_group must be >= 1, got {self.randaugment_group}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if not 0.0 < float(self.crop_pct) <= 1.0:
+            raise ConfigError(f"crop_pct must be in (0, 1] (e.g. 0.875 or 0.9; 1.0 = no crop), got {self.crop_pct}")
+        self.crop_pct = float(self.crop_pct)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AugmentConfig":
@@ -119,11 +131,38 @@ def one_hot_smooth(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
     return t
 
 
-def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, antialiased when shrinking (a plain bilinear downscale aliases)."""
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize images in [0, 1] with `mode` (bilinear or bicubic: antialiased, as PIL does, since a
+    plain downscale aliases; bicubic's overshoot is clipped back to [0, 1] as PIL's uint8 output is)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest-exact")
+    y = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+    return y.clamp_(0.0, 1.0) if mode == "bicubic" else y
+
+
+def eval_resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear", crop_pct: float = 1.0):
+    """The evaluation geometry: with crop_pct < 1, resize to floor(size / crop_pct) and cut out the
+    centre `size` (timm's eval transform on inputs that already have the target's aspect ratio);
+    else a plain resize to `size`."""
+    if crop_pct >= 1.0:
+        return resize(x, size, mode)
+    scaled = eval_scale_size(size, crop_pct)
+    x = resize(x, scaled, mode)
+    top, left = (scaled[0] - size[0]) // 2, (scaled[1] - size[1]) // 2
+    return x[..., top:top + size[0], left:left + size[1]]
+
+
+def eval_scale_size(size, crop_pct: float) -> tuple[int, int]:
+    """(H, W) an evaluation image is resized to before its centre `size` is cut out."""
+    h, w = _pair(size)
+    if crop_pct >= 1.0:
+        return (h, w)
+    return (int(math.floor(h / crop_pct)), int(math.floor(w / crop_pct)))
 
 
 def pad_random_crop(x: torch.Tensor, pad: int, size: tuple[int, int], oy: torch.Tensor, ox: torch.Tensor):
@@ -194,7 +233,7 @@ class BatchTransform:
         if self.train and cfg.random_resized_crop:
             import kornia.augmentation as K
             self._rrc = K.RandomResizedCrop(self.size, scale=cfg.rrc_scale, ratio=cfg.rrc_ratio,
-                                            resample="bilinear", cropping_mode="resample")
+                                            resample=cfg.interpolation, cropping_mode="resample")
         if self.train and cfg.randaugment is not None and self.mean.shape[1] not in (1, 3):
             raise ConfigError(f"randaugment works on 1- or 3-channel images, not {self.mean.shape[1]}: "
                               f"set randaugment to null")
@@ -220,7 +259,8 @@ class BatchTransform:
         self._check(images, labels)
         x = images.to(torch.float32).div_(255.0)
         if not self.train:
-            return self.normalize(resize(x, self.size)).contiguous(), labels.long()
+            x = eval_resize(x, self.size, self.cfg.interpolation, self.cfg.crop_pct)
+            return self.normalize(x).contiguous(), labels.long()
         if generator is not None:
             seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
         else:
@@ -240,7 +280,7 @@ class BatchTransform:
         if self._rrc is not None:
             x = self._rrc(x)
         else:
-            x = resize(x, self.size)
+            x = resize(x, self.size, cfg.interpolation)
         if cfg.pad_crop > 0:
             oy = torch.randint(0, 2 * cfg.pad_crop + 1, (b,)).to(dev)
             ox = torch.randint(0, 2 * cfg.pad_crop + 1, (b,)).to(dev)

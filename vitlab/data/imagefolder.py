@@ -69,6 +69,16 @@ def _orientation(im) -> int:
         return 1
 
 
+# how images are resized (PIL's filters; the published weights name theirs: timm's `interpolation`,
+# Hugging Face's `resample`)
+RESAMPLE = ("bilinear", "bicubic", "nearest")
+
+
+def check_resample(resample: str) -> None:
+    if resample not in RESAMPLE:
+        raise ConfigError(f"interpolation must be one of {', '.join(RESAMPLE)}, got {resample!r}")
+
+
 def check_fit(fit: str) -> None:
     if fit not in ("squash", "center_crop"):
         raise ConfigError(f"fit must be 'center_crop' (shorter side resized, centre cut out: aspect kept) or "
@@ -116,12 +126,15 @@ def to_mode(im, mode: str):
     return im if im.mode == mode else im.convert(mode)
 
 
-def decode_image(path, size_hw: tuple[int, int], mode: str, fit: str = "center_crop", with_size: bool = False):
+def decode_image(path, size_hw: tuple[int, int], mode: str, fit: str = "center_crop", with_size: bool = False,
+                 resample: str = "bilinear"):
     """uint8 (H, W, C) array of one image (a path or a binary file object), or the exception that
     made it unreadable. ``fit='center_crop'``: the shorter side is resized to the target's and the
-    centre cut out, so nothing is squashed. ``with_size``: also return the original (W, H)."""
+    centre cut out, so nothing is squashed. ``with_size``: also return the original (W, H).
+    ``resample``: the resizing filter (bilinear, bicubic or nearest)."""
     from PIL import Image, ImageOps
     h, w = size_hw
+    method = Image.Resampling[resample.upper()]
     orig = None
     try:
         with Image.open(path) as im:
@@ -133,9 +146,9 @@ def decode_image(path, size_hw: tuple[int, int], mode: str, fit: str = "center_c
             im = to_mode(im, mode)
             if im.size != (w, h):
                 if fit == "center_crop":
-                    im = ImageOps.fit(im, (w, h), method=Image.Resampling.BILINEAR)
+                    im = ImageOps.fit(im, (w, h), method=method)
                 else:
-                    im = im.resize((w, h), Image.Resampling.BILINEAR)
+                    im = im.resize((w, h), method)
             arr = np.asarray(im, dtype=np.uint8)
     except Exception as e:  # truncated data, bad markers, unsupported variants...: a bad image
         return (e, orig) if with_size else e
@@ -168,11 +181,13 @@ def _cache_dir(root: Path) -> Path | None:
     return None
 
 
-def _cache_key(root: Path, files, size_hw, mode, fit) -> str:
+def _cache_key(root: Path, files, size_hw, mode, fit, resample="bilinear") -> str:
     # Keyed by every file's path, size and modification time (plus the decode settings), so any
     # added, removed, replaced or touched image invalidates the cache.
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, str(root.resolve()), size_hw, mode, fit]).encode())
+    # (the default filter keeps the key it had before the filter was an option: old caches stay valid)
+    settings = [CACHE_VERSION, str(root.resolve()), size_hw, mode, fit] + ([resample] if resample != "bilinear" else [])
+    h.update(json.dumps(settings).encode())
     for path, label, size, mtime in files:
         h.update(f"{path}\0{label}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()[:32]
@@ -202,7 +217,7 @@ def most_common_size(root: Path, paths: list[str], bad: dict) -> tuple[int, int]
 
 
 def decode_tree(root: Path, image_size=None, in_chans: int = 3, fit: str = "center_crop", cache: bool = True,
-                report=None):
+                report=None, resample: str = "bilinear"):
     """Decode one class-folder tree. Returns (images uint8 (N,C,H,W), labels, class_names,
     bad: list[(path, reason)], from_cache: bool).
 
@@ -213,13 +228,14 @@ def decode_tree(root: Path, image_size=None, in_chans: int = 3, fit: str = "cent
     if in_chans not in (1, 3):
         raise ConfigError(f"in_chans must be 1 (grey) or 3 (RGB) for imagefolder, got {in_chans}")
     check_fit(fit)
+    check_resample(resample)
     mode = "RGB" if in_chans == 3 else "L"
     classes, files = scan(root)
     bad: dict[str, str] = {}
     paths = [f[0] for f in files]
     size_hw = parse_size(image_size)
 
-    key = _cache_key(root, files, size_hw or "most-common", mode, fit)
+    key = _cache_key(root, files, size_hw or "most-common", mode, fit, resample)
     cdir = _cache_dir(root) if cache else None
     cfile = cdir / f"imagefolder-{key}.npz" if cdir else None
     if cfile is not None and cfile.is_file():
@@ -250,7 +266,7 @@ def decode_tree(root: Path, image_size=None, in_chans: int = 3, fit: str = "cent
         p = paths[i]
         if p in bad:
             return
-        r, orig[i] = _decode(p, size_hw, mode, fit, with_size=True)
+        r, orig[i] = _decode(p, size_hw, mode, fit, with_size=True, resample=resample)
         if isinstance(r, Exception):
             bad[p] = f"{type(r).__name__}: {r}"
         else:

@@ -31,13 +31,14 @@ class LazyImageFolder(torch.utils.data.Dataset):
     lazy = True
 
     def __init__(self, files: list[str], labels, size_hw: tuple[int, int], in_chans: int = 3,
-                 fit: str = "center_crop", on_bad_image: str = "skip"):
+                 fit: str = "center_crop", on_bad_image: str = "skip", resample: str = "bilinear"):
         self.files = list(files)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         self.size_hw = (int(size_hw[0]), int(size_hw[1]))
         self.in_chans = int(in_chans)
         self.mode = "RGB" if in_chans == 3 else "L"
         self.fit = fit
+        self.resample = resample
         self.on_bad_image = on_bad_image
         self.images = LazyImages(self)
 
@@ -49,7 +50,7 @@ class LazyImageFolder(torch.utils.data.Dataset):
 
         for k in range(len(self.files)):
             j = (int(i) + k) % len(self.files)
-            arr = decode_image(self.files[j], self.size_hw, self.mode, self.fit)
+            arr = decode_image(self.files[j], self.size_hw, self.mode, self.fit, resample=self.resample)
             if not isinstance(arr, Exception):
                 return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous()  # a writable copy
             if self.on_bad_image == "error":
@@ -65,7 +66,7 @@ class LazyImageFolder(torch.utils.data.Dataset):
     def subset(self, indices) -> "LazyImageFolder":
         idx = np.asarray(indices, dtype=np.int64)
         return LazyImageFolder([self.files[i] for i in idx], self.labels[torch.from_numpy(idx)], self.size_hw,
-                               self.in_chans, self.fit, self.on_bad_image)
+                               self.in_chans, self.fit, self.on_bad_image, self.resample)
 
     def __repr__(self) -> str:
         return f"LazyImageFolder(n={len(self)}, shape=({self.in_chans}, {self.size_hw[0]}, {self.size_hw[1]}))"

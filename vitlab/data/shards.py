@@ -214,7 +214,7 @@ def expand_pattern(pattern: str) -> list[str]:
     return urls
 
 
-def _decode_sample(sample, size_hw, mode, fit, on_bad):
+def _decode_sample(sample, size_hw, mode, fit, on_bad, resample="bilinear"):
     """uint8 (C, H, W) tensor and label of one sample, or None for a corrupt one under 'skip'."""
     from .imagefolder import decode_image
 
@@ -222,7 +222,7 @@ def _decode_sample(sample, size_hw, mode, fit, on_bad):
     try:
         ext = next(k for k in IMAGE_KEYS if k in sample)
         label = int(sample["cls"])
-        arr = decode_image(io.BytesIO(sample[ext]), size_hw, mode, fit)
+        arr = decode_image(io.BytesIO(sample[ext]), size_hw, mode, fit, resample=resample)
         if isinstance(arr, Exception):
             raise arr
     except Exception as e:  # a corrupt image, a missing or bad label: named, then skipped or fatal
@@ -240,7 +240,7 @@ class ShardSet:
     lazy = True
 
     def __init__(self, urls, counts, size_hw, in_chans=3, on_bad_image="skip", shuffle_buffer=2000,
-                 fit="center_crop"):
+                 fit="center_crop", resample="bilinear"):
         self.urls, self.counts = list(urls), list(counts)
         self.size_hw = tuple(size_hw)
         self.in_chans = in_chans
@@ -248,6 +248,7 @@ class ShardSet:
         self.on_bad_image = on_bad_image
         self.shuffle_buffer = int(shuffle_buffer)
         self.fit = fit
+        self.resample = resample
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -268,6 +269,7 @@ class ShardSet:
         from webdataset.utils import pytorch_worker_info
 
         size_hw, mode, fit, on_bad, buf = self.size_hw, self.mode, self.fit, self.on_bad_image, self.shuffle_buffer
+        resample = getattr(self, "resample", "bilinear")
 
         def epoch_order(src):  # this rank's shards in a seeded order per epoch (the same on every run)
             urls = list(src)
@@ -294,7 +296,7 @@ class ShardSet:
             for seq, sample in enumerate(src):
                 if seq < start:  # resume: samples used before, skipped before decoding
                     continue
-                r = _decode_sample(sample, size_hw, mode, fit, on_bad)
+                r = _decode_sample(sample, size_hw, mode, fit, on_bad, resample)
                 if r is None:
                     continue
                 yield (r[0], r[1], worker, seq) + ((sample["__key__"],) if with_keys else ())
@@ -431,18 +433,19 @@ class ShardTrainData:
 
 
 def load_shards(data_dir, in_chans=3, on_bad_image="skip", report=None, train_fraction=1.0, image_size=None,
-                shuffle_buffer=2000, val_pattern=None):
+                shuffle_buffer=2000, val_pattern=None, interpolation="bilinear"):
     """A DataBundle whose train is a :class:`ShardSet` and whose val (or test) shards are decoded
     into memory."""
     from . import DataBundle
     from .core import ImageDataset
-    from .imagefolder import parse_size
+    from .imagefolder import check_resample, parse_size
 
     if data_dir is None:
         raise DataError("dataset=shards needs the train shards: --data-dir 'OUT/train-{000000..000099}.tar' "
                         "(written by `vitlab data shard FOLDER OUT/`)")
     if float(train_fraction) < 1.0:
         raise ConfigError("train_fraction < 1 is not supported for shards; write a smaller shard set instead")
+    check_resample(interpolation)
     urls = expand_pattern(data_dir)
     folder = Path(urls[0]).parent
     if not (folder / INDEX).is_file():
@@ -454,7 +457,8 @@ def load_shards(data_dir, in_chans=3, on_bad_image="skip", report=None, train_fr
     if unknown:
         raise DataError(f"shard {unknown[0]} is not in {folder / INDEX}: pass shards written together with it")
     size_hw = parse_size(image_size) or tuple(index.get("common_size") or (224, 224))
-    train = ShardSet(urls, [known[n] for n in names], size_hw, in_chans, on_bad_image, shuffle_buffer)
+    train = ShardSet(urls, [known[n] for n in names], size_hw, in_chans, on_bad_image, shuffle_buffer,
+                     resample=interpolation)
     say = report or (lambda text: None)
     say(f"shards: {len(train):,} training samples in {len(urls)} shard(s) of {folder}, decoded on the fly at "
         f"{size_hw[0]}x{size_hw[1]} (shorter side resized, centre-cropped: aspect kept)")
@@ -465,7 +469,8 @@ def load_shards(data_dir, in_chans=3, on_bad_image="skip", report=None, train_fr
         vurls = [str(folder / s["name"]) for s in index["splits"][val_name]["shards"]]
     else:
         raise DataError(f"{folder / INDEX} lists no val or test shards; pass data_options.val_pattern=...")
-    vset = ShardSet(vurls, [known.get(Path(u).name, 0) for u in vurls], size_hw, in_chans, on_bad_image)
+    vset = ShardSet(vurls, [known.get(Path(u).name, 0) for u in vurls], size_hw, in_chans, on_bad_image,
+                    resample=interpolation)
     xs, ys = [], []
     say(f"  decoding {len(vset):,} {val_name or 'val'} samples into memory ...")
     for item in vset.pipeline(0, 0, shuffle=False, by_node=False):  # every rank evaluates on all of it

@@ -65,12 +65,12 @@ def _batched(it: Iterator, n: int) -> Iterator[list]:
         yield chunk
 
 
-def read_image(path: str, channels: int, size=None) -> torch.Tensor:
+def read_image(path: str, channels: int, size=None, interpolation: str = "bilinear") -> torch.Tensor:
     # the same decoder as `vitlab.predict` and training's image folders (image modes, EXIF rotation,
     # shorter side resized to `size` and the centre cut out: aspect kept), so fixes to it apply here
     from ..train.api import _read_image
 
-    return _read_image(path, channels, size)
+    return _read_image(path, channels, size, interpolation)
 
 
 def open_model(source: str | Path, backend: str = "torch", onnx: str | Path | None = None, *,
@@ -123,7 +123,7 @@ def predict_iter(source: str | Path, paths: Iterable[str | Path], *, batch_size:
                 records[-1]["error"] = err
                 continue
             try:
-                images.append(read_image(path, pre.channels, pre.size))
+                images.append(read_image(path, pre.channels, pre.decode_size, pre.interpolation))
                 slots.append(len(records) - 1)
             except DataError as e:
                 records[-1]["error"] = str(e)

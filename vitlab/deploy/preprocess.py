@@ -1,9 +1,11 @@
 """The input contract of an exported model (preprocess.json) and the code that applies it.
 
 An exported file takes float32 (B, C, H, W) images that were decoded to grey or RGB, scaled to
-[0, 1], resized to the training size (bilinear, antialiased, the whole image: aspect not kept,
-no crop) and normalised with the training mean/std: exactly vitlab's evaluation transform, so
-the same code (BatchTransform) prepares the inputs of the PyTorch model and of the exported one.
+[0, 1], resized with the run's filter (``interpolation``: bilinear unless the run fine-tuned
+published weights that use another) to the training size, or with ``crop_pct`` < 1 to
+size / crop_pct and the centre cut out, and normalised with the training mean/std: exactly
+vitlab's evaluation transform, so the same code (BatchTransform) prepares the inputs of the
+PyTorch model and of the exported one.
 """
 from __future__ import annotations
 
@@ -29,12 +31,18 @@ def spec_from_info(info: dict, mean=None, std=None, dynamic_size: bool = False) 
         raise CheckpointError(f"{info['checkpoint']} records no normalisation mean/std; retrain with this "
                               f"version of vitlab or pass the data set so they can be computed")
     k = int(info["num_classes"])
+    from ..train.api import preprocessing_of
+
+    pre = preprocessing_of(info)
     return {
         "version": SPEC_VERSION,
         "size": _size_hw(info["img_size"]),          # (H, W) the model was trained at
         "dynamic_size": bool(dynamic_size),           # the file also takes other sizes (multiples of the patch)
-        "resize": "shorter side to the size's, bilinear (aspect ratio kept), as training decodes image folders",
+        "resize": (f"shorter side to the size's, {pre['interpolation']} (aspect ratio kept), as training decodes "
+                   f"image folders" + (f"; first to size / crop_pct, then the centre cut out" if pre["crop_pct"] < 1 else "")),
         "crop": "center",
+        "interpolation": pre["interpolation"],        # the resizing filter (bilinear, bicubic, nearest)
+        "crop_pct": pre["crop_pct"],                  # evaluation crop: resize to size / crop_pct, cut the centre
         "channels": int(info["in_chans"]),
         "color": "L" if int(info["in_chans"]) == 1 else "RGB",
         "scale": 1 / 255,                             # uint8 -> [0, 1] before normalising
@@ -76,8 +84,19 @@ class Preprocess:
         self.spec = spec
         self.channels = int(spec["channels"])
         self.size = tuple(spec["size"])
-        self.transform = BatchTransform(AugmentConfig(img_size=self.size), spec["mean"], spec["std"],
+        # files from before these keys: bilinear, no crop (what vitlab did then)
+        self.interpolation = spec.get("interpolation", "bilinear")
+        self.crop_pct = float(spec.get("crop_pct", 1.0))
+        self.transform = BatchTransform(AugmentConfig(img_size=self.size, interpolation=self.interpolation,
+                                                      crop_pct=self.crop_pct), spec["mean"], spec["std"],
                                         len(spec["class_names"]), train=False)
+
+    @property
+    def decode_size(self) -> tuple[int, int]:
+        """(H, W) files are decoded at: the evaluation crop's starting size."""
+        from ..data.augment import eval_scale_size
+
+        return eval_scale_size(self.size, self.crop_pct)
 
     def batch(self, images: torch.Tensor) -> torch.Tensor:
         """A uint8 (B, C, H, W) batch of one size."""

@@ -203,12 +203,29 @@ def export_hf(run_or_model, out_dir, *, info: dict | None = None, command: str |
     hf.save_pretrained(str(out), safe_serialization=True)
     mean, std = _norm(info, model)
     size = int(model.img_size[0])
-    pre = {"do_resize": True, "size": {"height": size, "width": size}, "resample": 3, "do_rescale": True,
-           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean, "image_std": std,
-           "image_processor_type": "ViTImageProcessor"}
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=1))
+    (out / "preprocessor_config.json").write_text(json.dumps(hf_image_processor(info, size, mean, std), indent=1))
     write_model_card(out, model, info, fmt="hf", command=command)
     return out
+
+
+# PIL's filter numbers, as Hugging Face image processors store `resample`
+_PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+
+
+def hf_image_processor(info: dict, size: int, mean: list, std: list) -> dict:
+    """preprocessor_config.json that prepares images as vitlab evaluates them: the run's filter, and
+    its evaluation crop where there is one (ConvNextImageProcessor is the processor of transformers
+    that resizes the shorter side to size / crop_pct and cuts out the centre, below 384 px;
+    ViTImageProcessor resizes to size x size)."""
+    from ..train.api import preprocessing_of
+
+    pre = preprocessing_of(info)
+    common = {"do_resize": True, "resample": _PIL_RESAMPLE[pre["interpolation"]], "do_rescale": True,
+              "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean, "image_std": std}
+    if pre["crop_pct"] < 1 and size < 384:
+        return {**common, "size": {"shortest_edge": size}, "crop_pct": pre["crop_pct"],
+                "image_processor_type": "ConvNextImageProcessor"}
+    return {**common, "size": {"height": size, "width": size}, "image_processor_type": "ViTImageProcessor"}
 
 
 def _norm(info: dict, model) -> tuple[list, list]:
@@ -275,11 +292,15 @@ def export_timm(run_or_model, out_dir, *, info: dict | None = None, command: str
     n = int(getattr(model, "num_classes", 0))
     mean, std = _norm(info, model)
     size = int(model.img_size[0]) if hasattr(model, "img_size") else int(info.get("img_size") or 224)
+    from ..train.api import preprocessing_of
+
+    pre = preprocessing_of(info)
     config = {"architecture": name, "num_classes": n, "num_features": int(getattr(model, "num_features", 0) or 0),
               "global_pool": getattr(model, "global_pool", "avg"), "model_args": args,
               "label_names": _class_names(info, n),
               "pretrained_cfg": {"tag": "vitlab", "input_size": [getattr(model, "in_chans", 3), size, size],
-                                 "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+                                 "interpolation": pre["interpolation"], "crop_pct": pre["crop_pct"],
+                                 "crop_mode": "center",
                                  "mean": mean, "std": std, "num_classes": n, "classifier": "head"}}
     (out / "config.json").write_text(json.dumps(config, indent=1))
     write_model_card(out, model, info, fmt="timm", command=command)
@@ -287,6 +308,16 @@ def export_timm(run_or_model, out_dir, *, info: dict | None = None, command: str
 
 
 # ============================================================================ model card
+def _describe_resize(info: dict) -> str:
+    from ..train.api import preprocessing_of
+
+    pre = preprocessing_of(info)
+    if pre["crop_pct"] < 1:
+        return (f"{pre['interpolation']}; for evaluation, shorter side to img_size / {pre['crop_pct']:g} "
+                f"and the centre cut out (crop_pct {pre['crop_pct']:g})")
+    return f"{pre['interpolation']}; shorter side to the input size and the centre cut out"
+
+
 def _command(info: dict) -> str:
     src = _run_file(info, "source.json")
     if src.get("command"):
@@ -325,6 +356,7 @@ def write_model_card(out_dir, model, info: dict, fmt: str = "hf", command: str |
               f"- parameters: {count_params(model) / 1e6:.2f}M",
               f"- input: {info.get('img_size') or cfg.get('img_size')} px, {getattr(model, 'in_chans', 3)} channels; "
               f"normalise with mean {_norm(info, model)[0]} and std {_norm(info, model)[1]}",
+              "- resizing: " + _describe_resize(info),
               f"- classes ({getattr(model, 'num_classes', '?')}): "
               + ", ".join(_class_names(info, int(getattr(model, "num_classes", 0) or 0))[:20]),
               f"- format: {'Hugging Face transformers' if fmt == 'hf' else 'timm key layout'}"]

@@ -472,7 +472,17 @@ def _grid(n: int) -> str:
     return f"{s}x{s}" if s * s == n else f"{n} positions"
 
 
-def init_from_source(model: nn.Module, source, revision: str | None = None) -> list[str]:
+def read_init_source(source, model_name: str | None = None, revision: str | None = None) -> Loaded | None:
+    """SOURCE read for `vitlab train init_from=SOURCE` before the run builds its model (its
+    preprocessing decides how the data is decoded); None for a vitlab run or checkpoint, which
+    init_from_source reads itself."""
+    p = Path(str(source)).expanduser()
+    if p.exists() and _is_vitlab_checkpoint(p):
+        return None
+    return read_source(str(source), model_name if model_name and _known(str(model_name)) else None, revision)
+
+
+def init_from_source(model: nn.Module, source, revision: str | None = None, loaded: Loaded | None = None) -> list[str]:
     """Load SOURCE's weights into `model` (in place) for `vitlab train init_from=SOURCE`.
 
     Every backbone tensor must land (else one CheckpointError listing the differences); the
@@ -491,8 +501,9 @@ def init_from_source(model: nn.Module, source, revision: str | None = None) -> l
         weights, ema_w = split_ema(tensors)
         sd, what = (ema_w if ema_w is not None else weights), f"vitlab checkpoint {found['weights']}"
     else:
-        model_name = getattr(model, "variant_name", None)
-        loaded = read_source(str(source), model_name if _known(str(model_name)) else None, revision)
+        if loaded is None:
+            model_name = getattr(model, "variant_name", None)
+            loaded = read_source(str(source), model_name if _known(str(model_name)) else None, revision)
         sd, what = loaded.state_dict, loaded.description
     sd = {k: v for k, v in sd.items()}
     own = model.state_dict()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, ConfigError, DataError
 from .checkpoint import build_model_from_config, load_model
 from .config import TrainConfig, apply_overrides
-from .engine import RunResult, fit
+from .engine import RunResult, file_decode_options, fit
 from .runlog import dumps
 
 
@@ -47,6 +47,14 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides) ->
 
 
 # ---------------------------------------------------------------------------- evaluation
+def preprocessing_of(info: dict) -> dict:
+    """The resizing filter and evaluation crop a loaded model was trained with (load_model's info):
+    AugmentConfig's interpolation and crop_pct (runs from before these options: bilinear, no crop)."""
+    cfg = info.get("config") or {}
+    return dict(interpolation=cfg.get("interpolation") or "bilinear",
+                crop_pct=1.0 if cfg.get("crop_pct") is None else float(cfg["crop_pct"]))
+
+
 def _load_eval_data(info: dict, dataset: str | None, data_dir: str | None, data_options: dict | None):
     """The data a checkpoint is evaluated on: by default its own data set and held-out split,
     decoded with the model's number of channels."""
@@ -59,8 +67,8 @@ def _load_eval_data(info: dict, dataset: str | None, data_dir: str | None, data_
     options.update(data_options or {})
     if name != "synthetic" or "in_chans" not in options:
         options.setdefault("in_chans", info["in_chans"])
-    if name in ("imagefolder", "shards"):
-        options.setdefault("image_size", info["img_size"])  # the model's size, cropped as in training
+    # files are decoded at the model's size (with its evaluation crop) and with its resizing filter
+    options = {**file_decode_options(name, info["img_size"], preprocessing_of(info)), **options}
     return load_dataset(name, data_dir if data_dir is not None else (cfg.get("data_dir") if same else None),
                         val_fraction=cfg.get("val_fraction", 0.1), split_seed=cfg.get("split_seed", 0),
                         on_bad_image=cfg.get("on_bad_image", "skip"), **options)
@@ -104,8 +112,8 @@ def evaluate(run_or_checkpoint: str | Path, dataset: str | None = None, data_dir
                           f"--dataset {bundle.name}")
     data = bundle.split(split)
     split = split or bundle.val_name
-    # the preprocessing the model was trained with: its own size and normalisation
-    tf = BatchTransform(AugmentConfig(img_size=info["img_size"]), info["mean"] or bundle.mean,
+    # the preprocessing the model was trained with: its own size, filter, crop and normalisation
+    tf = BatchTransform(AugmentConfig(img_size=info["img_size"], **preprocessing_of(info)), info["mean"] or bundle.mean,
                         info["std"] or bundle.std, bundle.num_classes, train=False)
     logits = _logits(model, data, tf, dev, batch_size)
     _check_finite(logits, info)
@@ -198,7 +206,9 @@ def finetune(checkpoint: str | Path, dataset: str, img_size: int | None = None, 
     `checkpoint` is any weights SOURCE (vitlab.models.sources): a vitlab run or checkpoint, a
     Hugging Face or timm folder, a timm file (with `model_name`), a Google .npz, `hf-hub:ORG/NAME`,
     `timm/NAME.TAG` or a published tag; `revision` pins a Hub revision. Published weights'
-    normalisation (mean/std) replaces the new data's own and is recorded with the run."""
+    preprocessing (mean/std, resizing filter, evaluation crop_pct, input size) is adopted wherever
+    the run leaves it unset (so `img_size=None` fine-tunes at the weights' input size) and is
+    recorded in the run's config, which eval, predict and export read."""
     from ..models.sources import load_source
 
     model, info = load_source(checkpoint, model_name=model_name, revision=revision, which=which, ema=ema)
@@ -217,15 +227,17 @@ def finetune(checkpoint: str | Path, dataset: str, img_size: int | None = None, 
     # projection keeps its meaning
     cfg.data_options = dict(cfg.data_options)
     cfg.data_options.setdefault("in_chans", info["in_chans"])
-    from .engine import load_data, resolve_img_size
+    from .engine import adopt_preprocessing, apply_normalisation, load_data, resolve_img_size
 
-    cfg.validate()
-    bundle = load_data(cfg)
     pre = info.get("preprocessing") or {}
-    if pre.get("mean") and pre.get("std") and len(pre["mean"]) == bundle.in_chans:
-        # the weights were trained on inputs normalised this way; checkpoints record it for eval/predict
-        bundle = dataclasses.replace(bundle, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
-    new_size = resolve_img_size(cfg, bundle)  # default: the new data's own size
+    if pre.get("mean") and len(pre["mean"]) != info["in_chans"]:
+        pre = {k: v for k, v in pre.items() if k not in ("mean", "std")}  # not this model's channels
+    # the weights' own preprocessing (filter, evaluation crop, input size, normalisation) where the
+    # run leaves it unset: recorded in the run's config, so eval, predict and export apply it too
+    cfg, pre_notes = adopt_preprocessing(cfg, pre)
+    cfg.validate()
+    bundle = apply_normalisation(cfg, load_data(cfg))
+    new_size = resolve_img_size(cfg, bundle)  # default: the weights' input size, else the new data's own
     cfg = dataclasses.replace(cfg, img_size=new_size, num_classes=int(bundle.num_classes),
                               in_chans=int(bundle.in_chans))
     before, old_grid = _shapes(model), getattr(model, "grid_size", None)
@@ -233,6 +245,7 @@ def finetune(checkpoint: str | Path, dataset: str, img_size: int | None = None, 
     # what was loaded, re-initialised and resampled: in the run's log (train.log) after its first line
     notes = [f"finetune: loaded {info.get('source') or info['checkpoint']}; new zero-initialised head for "
              f"{bundle.num_classes} classes"]
+    notes += pre_notes
     notes += describe_resampling(before, _shapes(model), info["img_size"], new_size, old_grid,
                                  getattr(model, "grid_size", None))
     model.train()
@@ -314,7 +327,8 @@ def _matching_config(cfg: TrainConfig, model) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------- prediction
-def _read_image(path: str | Path, in_chans: int, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+def _read_image(path: str | Path, in_chans: int, size: int | tuple[int, int] | None = None,
+                interpolation: str = "bilinear") -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     from ..data.imagefolder import decode_image, to_mode
@@ -330,7 +344,7 @@ def _read_image(path: str | Path, in_chans: int, size: int | tuple[int, int] | N
     if size is not None:
         # the decoder image folders use for training: shorter side resized, centre cut out
         size_hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        arr = decode_image(str(p), size_hw, mode, "center_crop")
+        arr = decode_image(str(p), size_hw, mode, "center_crop", resample=interpolation)
         if isinstance(arr, Exception):
             raise DataError(f"cannot read image {str(p)!r} ({type(arr).__name__}: {arr}); pass a valid image file")
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
@@ -344,13 +358,27 @@ def _read_image(path: str | Path, in_chans: int, size: int | tuple[int, int] | N
     return arr.view(h, w, 1 if in_chans == 1 else 3).permute(2, 0, 1).contiguous()
 
 
+def prediction_inputs(info: dict, images: Sequence[str | Path]) -> torch.Tensor:
+    """The float32 (B, C, H, W) batch a model (load_model's info) sees for image files: decoded at the
+    size its evaluation crop starts from (its own size when crop_pct is 1) with its resizing filter,
+    the centre cut out, normalised with its mean/std."""
+    from ..data import AugmentConfig, BatchTransform
+    from ..data.augment import eval_scale_size
+
+    pre = preprocessing_of(info)
+    tf = BatchTransform(AugmentConfig(img_size=info["img_size"], **pre), info["mean"], info["std"],
+                        info["num_classes"], train=False)
+    scaled = eval_scale_size(info["img_size"], pre["crop_pct"])
+    return torch.cat([tf(_read_image(p, info["in_chans"], scaled, pre["interpolation"])[None],
+                         torch.zeros(1, dtype=torch.int64))[0] for p in images])
+
+
 @torch.no_grad()
 def predict(checkpoint: str | Path, images: Sequence[str | Path], topk: int = 5, which: str = "last",
             ema: bool | None = None, device: str = "cpu") -> list[dict]:
     """Top-k classes with probabilities for each image file, with the evaluation
-    preprocessing the model was trained with (shorter side resized to its size and the centre cut
-    out, as image folders are decoded for training; its normalisation)."""
-    from ..data import AugmentConfig, BatchTransform
+    preprocessing the model was trained with (`prediction_inputs`: shorter side resized with its
+    filter to its size, or to size / crop_pct, and the centre cut out; its normalisation)."""
     from .distributed import resolve_device
 
     if isinstance(images, (str, Path)):
@@ -364,10 +392,7 @@ def predict(checkpoint: str | Path, images: Sequence[str | Path], topk: int = 5,
     model.to(dev)
     k = info["num_classes"]
     names = list(info.get("class_names") or [str(i) for i in range(k)])
-    tf = BatchTransform(AugmentConfig(img_size=info["img_size"]), info["mean"], info["std"], k, train=False)
-    batch = [tf(_read_image(p, info["in_chans"], info["img_size"])[None], torch.zeros(1, dtype=torch.int64))[0]
-             for p in images]
-    logits = model(torch.cat(batch).to(dev)).float()
+    logits = model(prediction_inputs(info, images).to(dev)).float()
     _check_finite(logits, info)
     probs = logits.softmax(dim=-1).cpu()
     top = probs.topk(min(topk, k), dim=-1)

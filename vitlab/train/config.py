@@ -58,6 +58,11 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     label_smoothing: float = 0.0
     random_erasing: float = 0.0        # probability an image gets one random rectangle erased (noise)
+    # ---------------------------------------------------------------- preprocessing (published weights carry theirs)
+    interpolation: str | None = None   # resizing filter: bilinear, bicubic, nearest; None: the weights' own, else bilinear
+    crop_pct: float | None = None      # eval centre crop (timm's crop_pct); None: the weights' own, else 1.0 (no crop)
+    mean: list[float] | None = None    # normalisation per channel; None: the weights' own, else measured on the data
+    std: list[float] | None = None
     # ---------------------------------------------------------------- optimisation
     epochs: int = 30
     batch_size: int = 64               # global: summed over processes and accumulation steps
@@ -142,7 +147,13 @@ class TrainConfig:
         return dict(random_resized_crop=self.random_resized_crop, rrc_scale=tuple(self.rrc_scale),
                     pad_crop=self.pad_crop, hflip=self.hflip, randaugment=self.randaugment,
                     mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
-                    label_smoothing=self.label_smoothing, random_erasing=self.random_erasing)
+                    label_smoothing=self.label_smoothing, random_erasing=self.random_erasing,
+                    **self.preprocessing_kwargs())
+
+    def preprocessing_kwargs(self) -> dict[str, Any]:
+        """interpolation and crop_pct as the transforms use them (unset: bilinear, no crop)."""
+        return dict(interpolation=self.interpolation or "bilinear",
+                    crop_pct=1.0 if self.crop_pct is None else float(self.crop_pct))
 
     def model_overrides(self) -> dict[str, Any]:
         kw = dict(self.model_kwargs)
@@ -196,6 +207,16 @@ class TrainConfig:
         need(self.layer_decay is None or 0 < self.layer_decay <= 1,
              f"layer_decay={self.layer_decay} must be in (0, 1], e.g. layer_decay=0.75 (null: off)")
         need(self.pad_crop >= 0, f"pad_crop={self.pad_crop} must be >= 0")
+        if self.interpolation is not None:
+            check_choice("interpolation", self.interpolation, ("bilinear", "bicubic", "nearest"))
+        need((self.mean is None) == (self.std is None), "set mean and std together (or neither: measured on the data)")
+        if self.mean is not None:
+            need(len(self.mean) == len(self.std) and len(self.mean) >= 1,
+                 f"mean {list(self.mean)} and std {list(self.std)} need one value per channel each")
+            need(all(math.isfinite(v) for v in self.mean) and all(math.isfinite(v) and v > 0 for v in self.std),
+                 f"std {list(self.std)} must be positive and mean {list(self.mean)} finite")
+        need(self.crop_pct is None or 0 < self.crop_pct <= 1,
+             f"crop_pct={self.crop_pct} must be in (0, 1], e.g. crop_pct=0.9 (1: no crop; null: the weights' own)")
         need(0 < self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in (0, 1)")
         need(0 < self.train_fraction <= 1, f"train_fraction={self.train_fraction} must be in (0, 1]")
         need(self.img_size is None or self.img_size >= 1, f"img_size={self.img_size} must be a positive integer")
@@ -331,6 +352,13 @@ def _coerce(value, tp, key: str, parsed: bool):
             raise ConfigError(f"{key} needs {len(args)} values, e.g. {key}=[{', '.join('x' * len(args))}]; "
                               f"got {value!r}")
         return tuple(_coerce(x, a, key, True) for x, a in zip(v, args))
+    if origin is list:
+        v = value
+        if isinstance(value, str):
+            v = _parse_scalar(value if value.strip().startswith("[") else f"[{value}]")
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{key} needs a list, e.g. {key}=[0.5,0.5,0.5]; got {value!r}")
+        return [_coerce(x, args[0], key, True) for x in v]
     if origin is dict or tp is dict:
         v = _parse_scalar(value) if isinstance(value, str) else value
         if v is None:
@@ -430,6 +458,12 @@ FIELD_HELP = {
     "label_smoothing": "label smoothing epsilon",
     "random_erasing": "probability that an image gets one random rectangle (2-33% of its area) replaced by "
                       "noise (Zhong et al.; ConvMixer recipe); 0 = off",
+    "interpolation": "resizing filter: bilinear, bicubic or nearest (null: the starting weights' own, else bilinear)",
+    "crop_pct": "evaluation crop: resize to img_size / crop_pct, cut out the centre img_size (null: the starting "
+                "weights' own, else 1 = no crop)",
+    "mean": "normalisation mean per channel, e.g. [0.5,0.5,0.5] (null: the starting weights' own, else measured "
+            "on the training data)",
+    "std": "normalisation std per channel (set with mean)",
     "epochs": "passes over the training set",
     "batch_size": "global batch (over all processes and accumulation steps)",
     "eval_batch_size": "batch size for evaluation",

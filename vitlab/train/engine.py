@@ -229,12 +229,72 @@ def merge_resume_config(saved: TrainConfig, given: TrainConfig) -> TrainConfig:
     return merged
 
 
+def file_decode_options(dataset: str, img_size, preprocessing: dict) -> dict:
+    """Decode settings of the data sets read from image files (folders, shards): the run's resizing
+    filter, and the size evaluation resizes to (img_size / crop_pct, so its centre crop keeps the
+    full resolution; training resizes the whole image to img_size). Nothing for array data sets."""
+    if dataset not in ("imagefolder", "shards"):
+        return {}
+    from ..data.augment import eval_scale_size
+
+    options = {}
+    if preprocessing.get("interpolation", "bilinear") != "bilinear":
+        options["interpolation"] = preprocessing["interpolation"]
+    if img_size:  # decode at the training size, not the files' own
+        h, w = eval_scale_size(img_size, preprocessing.get("crop_pct", 1.0))
+        options["image_size"] = h if h == w else [h, w]
+    return options
+
+
+def adopt_preprocessing(cfg: TrainConfig, pre: dict) -> tuple[TrainConfig, list[str]]:
+    """`cfg` with the starting weights' preprocessing (Loaded.preprocessing: mean, std,
+    interpolation, crop_pct, input_size) wherever the run leaves it unset, and the log line saying
+    what was adopted. What the user set wins; the run's config records the result, so eval,
+    predict, export and resume apply the same."""
+    pre = pre or {}
+    changes: dict = {}
+    if cfg.interpolation is None and pre.get("interpolation") in ("bilinear", "bicubic", "nearest"):
+        changes["interpolation"] = pre["interpolation"]
+    crop = pre.get("crop_pct")
+    if cfg.crop_pct is None and isinstance(crop, (int, float)) and 0 < crop <= 1:
+        changes["crop_pct"] = float(crop)
+    size = pre.get("input_size")
+    if cfg.img_size is None and isinstance(size, int) and size > 0:
+        changes["img_size"] = size
+    if cfg.mean is None and pre.get("mean") and pre.get("std") and len(pre["mean"]) == len(pre["std"]):
+        changes["mean"], changes["std"] = [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]]
+    if not changes:
+        return cfg, []
+    said = []
+    if "img_size" in changes:
+        said.append(f"input {changes['img_size']} px (img_size=N or --img-size N changes it)")
+    if "interpolation" in changes:
+        said.append(f"{changes['interpolation']} resizing")
+    if "crop_pct" in changes:
+        said.append(f"evaluation crop_pct {changes['crop_pct']:g}")
+    if "mean" in changes:
+        said.append(f"mean {_rounded(changes['mean'])} std {_rounded(changes['std'])}")
+    return dataclasses.replace(cfg, **changes), ["preprocessing of the starting weights: " + ", ".join(said)]
+
+
+def _rounded(values) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
+def apply_normalisation(cfg: TrainConfig, bundle):
+    """The bundle normalised with cfg.mean/std when the run sets them (else the data's own)."""
+    if cfg.mean is None:
+        return bundle
+    if len(cfg.mean) != bundle.in_chans:
+        raise ConfigError(f"mean/std have {len(cfg.mean)} values but {bundle.name} is decoded with {bundle.in_chans} "
+                          f"channel(s); give one value per channel (or data_options.in_chans={len(cfg.mean)})")
+    return dataclasses.replace(bundle, mean=tuple(float(v) for v in cfg.mean), std=tuple(float(v) for v in cfg.std))
+
+
 def load_data(cfg: TrainConfig, report=None):
     from ..data import load_dataset
 
-    options = dict(cfg.data_options)
-    if cfg.dataset in ("imagefolder", "shards") and cfg.img_size and "image_size" not in options:
-        options["image_size"] = int(cfg.img_size)  # decode at the training size, not the files' own
+    options = {**file_decode_options(cfg.dataset, cfg.img_size, cfg.preprocessing_kwargs()), **cfg.data_options}
     return load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
                         on_bad_image=cfg.on_bad_image, train_fraction=cfg.train_fraction, report=report, **options)
 
@@ -244,8 +304,8 @@ def make_transforms(cfg: TrainConfig, bundle, img_size: int):
 
     train_tf = BatchTransform(AugmentConfig(img_size=img_size, **cfg.augment_kwargs()), bundle.mean, bundle.std,
                               bundle.num_classes, train=True)
-    eval_tf = BatchTransform(AugmentConfig(img_size=img_size), bundle.mean, bundle.std, bundle.num_classes,
-                             train=False)
+    eval_tf = BatchTransform(AugmentConfig(img_size=img_size, **cfg.preprocessing_kwargs()), bundle.mean, bundle.std,
+                             bundle.num_classes, train=False)
     return train_tf, eval_tf
 
 
@@ -392,6 +452,19 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
         if done is not None:
             return done
     cfg.validate(info.world_size)
+    source, pre_notes = None, []
+    if cfg.init_from and not resume and model is None:
+        # the starting weights are read before the data: their preprocessing (filter, crop, size,
+        # normalisation) decides how the data is decoded
+        from ..models.sources import read_init_source
+
+        source = read_init_source(cfg.init_from, cfg.model)
+        if source is not None:
+            cfg, pre_notes = adopt_preprocessing(cfg, source.preprocessing)
+            if "in_chans" not in cfg.data_options and cfg.dataset != "synthetic":
+                # the data decoded with the weights' channels (grey <-> RGB), as finetune does, so the
+                # patch projection keeps its meaning
+                cfg = dataclasses.replace(cfg, data_options={**cfg.data_options, "in_chans": int(source.in_chans)})
     if not resume:
         # claimed and locked before the data loads: a second trainer on the same run is refused at
         # once; a directory this call made stays only if the run writes something into it
@@ -406,7 +479,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
 
     # ------------------------------------------------------------ data, model, objective
     seed_everything(cfg.seed)
-    bundle = bundle or load_data(cfg, report=print if verbose and info.is_main else None)
+    bundle = apply_normalisation(cfg, bundle or load_data(cfg, report=print if verbose and info.is_main else None))
     _check_classes(cfg, bundle)
     img_size = resolve_img_size(cfg, bundle)
     cfg = dataclasses.replace(cfg, img_size=img_size, num_classes=int(bundle.num_classes),
@@ -421,7 +494,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
         if cfg.init_from and not resume:  # starting weights from a run, file, folder or Hub id (never ignored)
             from ..models.sources import init_from_source
 
-            init_notes = init_from_source(model, cfg.init_from)
+            init_notes = init_from_source(model, cfg.init_from, loaded=source) + pre_notes
         if hasattr(objective, "prepare_model"):
             model = objective.prepare_model(model) or model
     B, A, W = cfg.batch_size, cfg.accum_steps, info.world_size
