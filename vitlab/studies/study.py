@@ -142,7 +142,8 @@ PRESETS = ("small", "paper", "cifar10")
 # the usual CIFAR augmentation, random 32 px crops of the image zero-padded by 4 pixels and
 # horizontal flips (configs/cifar10.yaml's first two)
 CIFAR10_TRAIN = {"pad_crop": 4, "hflip": True}
-CIFAR10_IMAGES = 50_000  # CIFAR-10's training set: the compute estimate's image count
+CIFAR10_IMAGES = 50_000  # CIFAR-10's training set and classes: the compute estimate's
+CIFAR10_CLASSES = 10
 
 
 def preset_options(study: Study, preset: str) -> dict[str, Any]:
@@ -510,15 +511,17 @@ def run_study(name: str, out: str | Path | None = None, overrides: list[str] | d
 ESTIMATE_FLOPS_PER_S = 0.4 * 312e12
 
 
-def estimate_training_flops(study: Study, params: dict, train: dict, n_images: int) -> float:
-    """Counted training FLOPs of every run: 3 x forward FLOPs per image x epochs x the images it sees."""
+def estimate_training_flops(study: Study, params: dict, train: dict, n_images: int,
+                            num_classes: int = 1000) -> float:
+    """Counted training FLOPs of every run: 3 x forward FLOPs per image x epochs x the images it sees
+    (the head sized for `num_classes`: ImageNet's unless a preset's data set says otherwise)."""
     import tempfile
 
     total = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for spec in study.build(params):
             cfg = make_config(study, params, train, spec, Path(tmp))
-            fwd = forward_flops_per_image({**cfg.to_dict(), "num_classes": cfg.num_classes or 1000,
+            fwd = forward_flops_per_image({**cfg.to_dict(), "num_classes": cfg.num_classes or num_classes,
                                            "in_chans": cfg.in_chans or 3, "img_size": cfg.img_size or 224})
             total += 3 * fwd * cfg.epochs * n_images * cfg.train_fraction
     return total
@@ -528,14 +531,18 @@ def preset_banner(study: Study, params: dict, train: dict | None = None, preset:
     """What `--preset paper` (or `cifar10`) is about to run and what it costs, printed before it starts."""
     shown = ", ".join(f"{k}={v}" for k, v in params.items())
     n_runs = len(study.build(params))
-    words, images = ((study.paper_cost, study.paper_images) if preset == "paper"
-                     else (study.cifar10_cost, CIFAR10_IMAGES))
+    words, images, classes = ((study.paper_cost, study.paper_images, 1000) if preset == "paper"
+                              else (study.cifar10_cost, CIFAR10_IMAGES, CIFAR10_CLASSES))
     text = f"[{study.name}] {preset} preset: {words}; {n_runs} runs ({shown})"
     if images:
-        flops = estimate_training_flops(study, params, train or {}, images)
+        flops = estimate_training_flops(study, params, train or {}, images, classes)
         hours = flops / ESTIMATE_FLOPS_PER_S / 3600
+        shown_h = f"{hours:,.1f}" if hours >= 10 else f"{hours:.2g}"  # (not "0.0" for a small preset)
         text += (f"\n[{study.name}] expected cost: {flops:.3g} training FLOPs (counted, {images:,} "
-                 f"training images) = about {hours:,.1f} GPU-hours at 125 TFLOP/s (40% of an A100's bf16 peak)")
+                 f"training images) = about {shown_h} GPU-hours at 125 TFLOP/s (40% of an A100's bf16 peak)")
+        if preset == "cifar10":  # tiny steps: kernel launches and Python, not arithmetic, bound them
+            text += ("; a lower bound for models this small, whose short steps keep a GPU far below that "
+                     "utilisation")
     return text
 
 
