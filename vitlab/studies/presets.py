@@ -5,8 +5,13 @@ Defaults (the small preset) are sized for 2 CPU cores: scikit-learn's 8x8 digits
 28 px (10% of its training set) where digits is at the ceiling (convmixer-kernel,
 cvt-conv-proj-stages, model-scaling); models of 0.03-0.6 M parameters; a few epochs; three seeds
 per arm. `--preset paper` starts from the paper's setting instead (`Study.paper`), printing it and
-its counted training compute before it starts. Every size is an option: `vitlab study data-scaling
---dataset mnist --epochs 30 img_size=28 fractions=0.01,0.1,1.0 vit=vit_micro_p4 ...`.
+its counted training compute before it starts. `--preset cifar10` (`Study.cifar10`, see CIFAR10
+below) runs the same grid on CIFAR-10 at 32 px with slightly larger models, for one consumer GPU:
+it prints the same banner (compute counted on 50,000 images), trains every run with pad-and-crop
+and flips, and stops in one line before the first run when the CIFAR-10 files are not in
+train.data_dir=DIR or $VITLAB_DATA/cifar10/ (`--list` prints the runs without them). Every size
+is an option: `vitlab study data-scaling --dataset mnist --epochs 30 img_size=28
+fractions=0.01,0.1,1.0 vit=vit_micro_p4 ...`.
 """
 from __future__ import annotations
 
