@@ -142,7 +142,8 @@ PRESETS = ("small", "paper", "cifar10")
 # the usual CIFAR augmentation, random 32 px crops of the image zero-padded by 4 pixels and
 # horizontal flips (configs/cifar10.yaml's first two)
 CIFAR10_TRAIN = {"pad_crop": 4, "hflip": True}
-CIFAR10_IMAGES = 50_000  # CIFAR-10's training set and classes: the compute estimate's
+# CIFAR-10's training-set size and class count, for the compute estimate
+CIFAR10_IMAGES = 50_000
 CIFAR10_CLASSES = 10
 
 
