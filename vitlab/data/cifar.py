@@ -102,21 +102,29 @@ class _Source:
         return f.read()
 
 
-def _locate(name: str, data_dir) -> _Source:
+def find_cifar(name: str, data_dir=None) -> tuple[Path | None, Path | None]:
+    """(extracted folder, None) or (None, archive) where the loader would read `name` from,
+    without reading any file (a study checks this before its first run); DataError naming
+    where to put the files when neither is found."""
     spec = SPECS[name]
     dirs = candidate_dirs(name, data_dir)
     first_member = (spec["train"][0][0])
     for d in dirs:
         if (d / spec["folder"]).is_dir():
-            return _Source(spec, folder=d / spec["folder"])
+            return d / spec["folder"], None
         if (d / first_member).is_file() and (d / spec["meta"][0]).is_file():
-            return _Source(spec, folder=d)
+            return d, None
         if (d / spec["archive"]).is_file():
-            return _Source(spec, archive=d / spec["archive"])
+            return None, d / spec["archive"]
     url = f"https://www.cs.toronto.edu/~kriz/{spec['archive']}"
     raise DataError(f"{spec['title']} not found (looked in {format_dirs(dirs)}). Download {url} and put the "
                     f"archive, or the {spec['folder']}/ folder extracted from it, in a folder passed with "
                     f"--data-dir DIR (or in $VITLAB_DATA/{name}/)")
+
+
+def _locate(name: str, data_dir) -> _Source:
+    folder, archive = find_cifar(name, data_dir)
+    return _Source(SPECS[name], folder=folder, archive=archive)
 
 
 def _batch(d: dict, where: str, label_key: bytes, num_classes: int):

@@ -84,11 +84,16 @@ def register(sub) -> None:
     s.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the study's own)")
     s.add_argument("--out", default=None, help="output folder (default: results/NAME)")
     s.add_argument("--no-plot", action="store_true", help="skip plot.png (default: off, the plot is written)")
-    s.add_argument("--preset", default="small", choices=["small", "paper"],
+    s.add_argument("--preset", default="small", choices=["small", "paper", "cifar10"],
                    help="small: minutes on 2 CPU cores; paper: the paper's setting (data set, model sizes, epochs) "
-                        "for a GPU machine, its expected cost printed first (default: %(default)s)")
+                        "for a GPU machine; cifar10: the study's grid on CIFAR-10 at 32 px (models a little larger "
+                        "than small's, 3 seeds, pad-and-crop and flips) for one consumer GPU, its files in "
+                        "train.data_dir=DIR or $VITLAB_DATA/cifar10/ (checked before the first run). paper and "
+                        "cifar10 print what they run and their counted training compute first "
+                        "(default: %(default)s)")
     s.add_argument("--list", action="store_true",
-                   help="only print the runs the study would train (default: off)")
+                   help="only print the runs the study would train (and a preset's cost); needs no data files "
+                        "(default: off)")
     s.set_defaults(func=run_study_cmd, _parser=s)
 
 
@@ -256,11 +261,11 @@ def run_study_cmd(args) -> int:
     _intermixed(args)
     if args.list:
         study = get_study(args.name)
-        params, _ = resolve_params(study, args.overrides, args.dataset, args.epochs, args.preset)
-        if args.preset == "paper":
+        params, train = resolve_params(study, args.overrides, args.dataset, args.epochs, args.preset)
+        if args.preset != "small":  # (no data files needed: --list is how to see a preset before getting them)
             from .study import preset_banner
 
-            print(preset_banner(study, params))
+            print(preset_banner(study, params, train, args.preset))
         for spec in study.build(params):
             print(spec.name, spec.columns)
         return 0

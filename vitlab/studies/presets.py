@@ -5,8 +5,13 @@ Defaults (the small preset) are sized for 2 CPU cores: scikit-learn's 8x8 digits
 28 px (10% of its training set) where digits is at the ceiling (convmixer-kernel,
 cvt-conv-proj-stages, model-scaling); models of 0.03-0.6 M parameters; a few epochs; three seeds
 per arm. `--preset paper` starts from the paper's setting instead (`Study.paper`), printing it and
-its counted training compute before it starts. Every size is an option: `vitlab study data-scaling
---dataset mnist --epochs 30 img_size=28 fractions=0.01,0.1,1.0 vit=vit_micro_p4 ...`.
+its counted training compute before it starts. `--preset cifar10` (`Study.cifar10`, see CIFAR10
+below) runs the same grid on CIFAR-10 at 32 px with slightly larger models, for one consumer GPU:
+it prints the same banner (compute counted on 50,000 images), trains every run with pad-and-crop
+and flips, and stops in one line before the first run when the CIFAR-10 files are not in
+train.data_dir=DIR or $VITLAB_DATA/cifar10/ (`--list` prints the runs without them). Every size
+is an option: `vitlab study data-scaling --dataset mnist --epochs 30 img_size=28
+fractions=0.01,0.1,1.0 vit=vit_micro_p4 ...`.
 """
 from __future__ import annotations
 
@@ -18,6 +23,15 @@ from .study import Claim, RunSpec, Study, register_study
 # digits' default 10% validation split is 179 images (one image = 0.56 points): every study holds
 # out 25% instead (449 images); data sets with an official test set ignore this
 BASE = {"val_fraction": 0.25}
+
+# `--preset cifar10` (Study.cifar10): every study's grid on CIFAR-10 at its native 32 px, three
+# seeds, each study sized to a few GPU-hours at most (the banner prints its counted compute).
+# Models a little larger than the small preset's: ViT-micro with 4x4 patches (64 tokens, 128
+# wide, 6 deep), cvt_tiny (16/8/4 token grids), ConvMixer-256/8 with patch 2 (the ConvMixer
+# paper's CIFAR setting, fewer epochs), the half-width ResNet-18 and the stride-4 hybrid.
+# Every run also gets study.CIFAR10_TRAIN (pad-and-crop, flips); the files come from
+# train.data_dir=DIR or $VITLAB_DATA/cifar10/, checked before the first run.
+CIFAR10 = {"dataset": "cifar10", "img_size": 32, "seeds": [0, 1, 2]}
 
 
 def _slug(v) -> str:
@@ -160,6 +174,11 @@ register_study(Study(
     paper_cost="ViT paper Fig. 3: ImageNet-21k subsets (train.data_dir=...; the paper also uses JFT-300M), "
                "ViT-B/16, R50+ViT-B/16, BiT R50x1, 90 epochs at 224 px",
     paper_images=14_000_000,
+    cifar10={**CIFAR10, "epochs": 30, "fractions": [0.1, 0.3, 1.0], "lr": 1e-3, "batch_size": 128,
+             "vit": "vit_micro_p4", "hybrid": "rsmall_vit_micro", "resnet": "resnet_small", "cvt": "cvt_tiny",
+             "convmixer": "convmixer_256_8"},
+    cifar10_cost="ViT-micro/4, R-small+ViT-micro hybrid, half-width ResNet-18, CvT-tiny and ConvMixer-256/8 on "
+                 "10%, 30% and 100% of CIFAR-10, 30 epochs at 32 px",
     base=BASE,
     build=_data_scaling_runs, plot=_data_scaling_plot,
 ))
@@ -192,6 +211,8 @@ register_study(Study(
            "batch_size": 4096},
     paper_cost="ViT paper Fig. 9: ViT-B/16 on ImageNet-1k (train.data_dir=...), 90 epochs per arm",
     paper_images=1_281_167,
+    cifar10={**CIFAR10, "epochs": 30, "model": "vit_micro_p4", "lrs": [1e-4, 3e-4, 1e-3, 3e-3], "batch_size": 128},
+    cifar10_cost="ViT-micro/4 (64 tokens) on CIFAR-10, 30 epochs per arm at 32 px",
     base=BASE,
     build=_pooling_runs,
     plot=lambda rows, p, path: line_plot(rows, path, "lr", "pool", logx=True, xlabel="learning rate",
@@ -222,6 +243,8 @@ register_study(Study(
     paper={"dataset": "imagefolder", "img_size": 224, "epochs": 90, "model": "vit_b16", "lr": 1e-3, "batch_size": 4096},
     paper_cost="ViT paper Table 8: ViT-B/16 on ImageNet-1k (train.data_dir=...), 90 epochs",
     paper_images=1_281_167,
+    cifar10={**CIFAR10, "epochs": 30, "model": "vit_micro_p4", "lr": 1e-3, "batch_size": 128},
+    cifar10_cost="ViT-micro/4 (an 8x8 token grid) on CIFAR-10, 30 epochs at 32 px",
     base=BASE,
     build=_pos_runs,
     plot=lambda rows, p, path: bar_plot(rows, path, "pos_embed",
@@ -274,6 +297,8 @@ register_study(Study(
     paper_cost="CvT paper Tables 5-7: CvT-13 on ImageNet-1k (train.data_dir=...) at 224 px, 100 epochs (the "
                "paper trains 300)",
     paper_images=1_281_167,
+    cifar10={**CIFAR10, "epochs": 30, "model": "cvt_tiny", "lr": 1e-3, "batch_size": 128},
+    cifar10_cost="CvT-tiny (16/8/4 token grids) on CIFAR-10, 30 epochs at 32 px",
     base=BASE,
     build=_cvt_runs,
     plot=lambda rows, p, path: bar_plot(rows, path, "variant",
@@ -310,6 +335,10 @@ register_study(Study(
     paper_cost="ConvMixer paper's CIFAR-10 setting (ConvMixer-256/8, patch 2, 200 epochs; its ImageNet kernel "
                "ablation uses ConvMixer-1536/20 for 150 epochs)",
     paper_images=50_000,
+    cifar10={**CIFAR10, "epochs": 25, "model": "convmixer_256_8", "dim": 256, "depth": 8, "patch_size": 2,
+             "lr": 1e-2, "batch_size": 512, "train_fraction": 1.0},
+    cifar10_cost="ConvMixer-256/8, patch 2 (the paper's CIFAR-10 model) on all of CIFAR-10, 25 epochs instead "
+                 "of 200",
     base=BASE,
     build=_convmixer_runs,
     plot=lambda rows, p, path: line_plot(rows, path, "kernel_size", None, xlabel="depthwise kernel size",
@@ -356,6 +385,10 @@ register_study(Study(
     paper_cost="ViT paper Sec. 4.6: MPP pre-training of ViT-B/16 on JFT-300M for 1M steps (here ImageNet-21k via "
                "train.data_dir=..., 14 epochs), then fine-tuning",
     paper_images=14_000_000,
+    cifar10={**CIFAR10, "epochs": 30, "pretrain_epochs": 30, "model": "vit_micro_p4", "fractions": [0.1, 0.3, 1.0],
+             "lr": 1e-3, "finetune_lr": 1e-3, "batch_size": 128},
+    cifar10_cost="ViT-micro/4 MPP pre-training on all of CIFAR-10's training images (30 epochs), then fine-tuning "
+                 "on 10%, 30% and 100% (30 epochs) against training from scratch",
     base=BASE,
     build=_mpp_runs, plot=_mpp_plot,
 ))
@@ -393,6 +426,8 @@ register_study(Study(
     paper_cost="CvT paper Table 6: CvT-13 on ImageNet-1k (train.data_dir=...) at 224 px, 100 epochs (the paper "
                "trains 300)",
     paper_images=1_281_167,
+    cifar10={**CIFAR10, "epochs": 30, "model": "cvt_tiny", "lr": 1e-3, "batch_size": 128, "train_fraction": 1.0},
+    cifar10_cost="CvT-tiny (16/8/4 token grids) on all of CIFAR-10, 30 epochs at 32 px",
     claims=[Claim({"conv_proj": "all"}, {"conv_proj": "none"}, "conv projection in every stage beats none "
                   "(CvT Table 6)", pair_on=()),
             Claim({"conv_proj": "stages2-3"}, {"conv_proj": "stage3"}, "adding stage 2 helps (CvT Table 6)",
@@ -446,6 +481,10 @@ register_study(Study(
     paper_cost="ViT paper App. B.1.2: ViT-B/16 MPP on JFT-300M (here ImageNet-21k via train.data_dir=...), "
                "14 epochs per target and rate, then fine-tuning",
     paper_images=14_000_000,
+    cifar10={**CIFAR10, "epochs": 30, "pretrain_epochs": 30, "model": "vit_micro_p4", "finetune_fraction": 0.1,
+             "lr": 1e-3, "finetune_lr": 1e-3, "batch_size": 128},
+    cifar10_cost="ViT-micro/4 MPP pre-training on all of CIFAR-10 per target and mask rate (30 epochs), each "
+                 "fine-tuned on 10% of it (30 epochs)",
     claims=[Claim({"target": "color3bit"}, {"target": "l2"}, "3-bit colour beats L2 (ViT App. B.1.2)",
                   pair_on=("mask_rate",)),
             Claim({"init": "mpp", "target": "color3bit", "mask_rate": 0.5}, {"init": "scratch"},
@@ -493,6 +532,9 @@ register_study(Study(
     paper_cost="ViT paper Table 7: BiT R50x1 pre-trained on JFT-300M (here ImageNet-21k via train.data_dir=...), "
                "90 epochs at 224 px",
     paper_images=14_000_000,
+    cifar10={**CIFAR10, "epochs": 30, "resnet": "resnet_small", "vit": "vit_micro_p4", "adam_lr": 1e-3,
+             "sgd_lr": 0.1, "batch_size": 128},
+    cifar10_cost="half-width ResNet-18 and ViT-micro/4 on CIFAR-10, 30 epochs at 32 px per optimiser",
     claims=[Claim({"optimizer": "adam"}, {"optimizer": "sgd"}, "Adam pre-training beats SGD (ViT Table 7)",
                   pair_on=("model",))],
     base=BASE,
@@ -556,6 +598,10 @@ register_study(Study(
     paper_cost="ViT paper Fig. 5: ViT-B/32, B/16, L/16, BiT R50x1, R101x1, R152x2 and R50+ViT hybrids pre-trained "
                "on JFT-300M (here ImageNet-21k via train.data_dir=...), 90 epochs at 224 px",
     paper_images=14_000_000,
+    # the small preset's three sizes per family, at 32 px (64 tokens for the transformers)
+    cifar10={**CIFAR10, "epochs": 30, "sizes": "small", "lr": 1e-3, "batch_size": 128, "train_fraction": 1.0},
+    cifar10_cost="ViT, half-width-and-less ResNet-18 and hybrid at the small preset's three sizes each, on all "
+                 "of CIFAR-10, 30 epochs at 32 px",
     claims=[Claim({"model": "hybrid"}, {"model": "vit"}, "hybrids beat ViT at the same size (vanishing as size "
                   "grows; ViT Fig. 5)", pair_on=("size_rank",))],
     base=BASE,

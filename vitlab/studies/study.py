@@ -69,6 +69,10 @@ class Study:
     paper: dict[str, Any] = field(default_factory=dict)
     paper_cost: str = ""                        # the paper's setting, in words
     paper_images: int = 0                       # training-set size of that setting (for the compute estimate)
+    # `--preset cifar10`: the study's grid on CIFAR-10 at 32 px for one consumer GPU (option values
+    # over the small defaults, as `paper`) and what it runs, in words; printed with its compute
+    cifar10: dict[str, Any] = field(default_factory=dict)
+    cifar10_cost: str = ""
 
 
 @dataclass
@@ -133,7 +137,27 @@ def _parse_value(text: str, default: Any, key: str) -> Any:
         else str(text)
 
 
-PRESETS = ("small", "paper")
+PRESETS = ("small", "paper", "cifar10")
+# Training options every run of `--preset cifar10` starts from (train.FIELD=value replaces them):
+# the usual CIFAR augmentation, random 32 px crops of the image zero-padded by 4 pixels and
+# horizontal flips (configs/cifar10.yaml's first two)
+CIFAR10_TRAIN = {"pad_crop": 4, "hflip": True}
+# CIFAR-10's training-set size and class count, for the compute estimate
+CIFAR10_IMAGES = 50_000
+CIFAR10_CLASSES = 10
+
+
+def preset_options(study: Study, preset: str) -> dict[str, Any]:
+    """The option values `preset` sets over the study's small defaults ({} for 'small')."""
+    from ..errors import check_choice
+
+    check_choice("preset", preset, PRESETS)
+    if preset == "small":
+        return {}
+    options = study.paper if preset == "paper" else study.cifar10
+    if not options:
+        raise ConfigError(f"study {study.name!r} has no {preset} preset; scale it with key=value options")
+    return options
 
 
 def resolve_params(study: Study, overrides: list[str] | dict | None = None, dataset: str | None = None,
@@ -143,16 +167,10 @@ def resolve_params(study: Study, overrides: list[str] | dict | None = None, data
     Study parameters are the keys of `study.params` (lists take comma-separated values);
     `train.FIELD=value` sets a TrainConfig field of every run (e.g. train.batch_size=256,
     train.data_dir=/data); `--dataset`/`--epochs` set the usual two. `preset='paper'` starts
-    from the paper's setting (`study.paper`) instead of the small defaults."""
-    from ..errors import check_choice
-
-    check_choice("preset", preset, PRESETS)
-    params = dict(study.params)
-    if preset == "paper":
-        if not study.paper:
-            raise ConfigError(f"study {study.name!r} has no paper preset; scale it with key=value options")
-        params.update(study.paper)
-    train: dict[str, Any] = {}
+    from the paper's setting (`study.paper`) instead of the small defaults, `preset='cifar10'`
+    from the study's CIFAR-10 grid (`study.cifar10`, every run with CIFAR10_TRAIN's augmentation)."""
+    params = {**study.params, **preset_options(study, preset)}
+    train: dict[str, Any] = dict(CIFAR10_TRAIN) if preset == "cifar10" else {}
     items = overrides.items() if isinstance(overrides, dict) else \
         [tuple(o.split("=", 1)) if "=" in o else (o, None) for o in (overrides or [])]
     for key, value in items:
@@ -166,7 +184,9 @@ def resolve_params(study: Study, overrides: list[str] | dict | None = None, data
             raise ConfigError(f"study {study.name!r} has no option {key!r}.{did_you_mean(key, params)} "
                               f"Its options: {', '.join(sorted(params))}; or train.FIELD=VALUE for any "
                               f"training option")
-        params[key] = _parse_value(value, study.params[key], key) if isinstance(value, str) else value
+        # (a preset may add an option the small defaults lack, e.g. img_size: typed by its value)
+        default = study.params.get(key, params[key])
+        params[key] = _parse_value(value, default, key) if isinstance(value, str) else value
     if dataset is not None:
         params["dataset"] = dataset
     if epochs is not None:
@@ -452,8 +472,10 @@ def run_study(name: str, out: str | Path | None = None, overrides: list[str] | d
     meta.json into `out` (default results/NAME). Returns the table rows."""
     study = get_study(name)
     params, train = resolve_params(study, overrides, dataset, epochs, preset)
-    if preset == "paper":
-        log(preset_banner(study, params, train))
+    if preset != "small":
+        log(preset_banner(study, params, train, preset))
+    # a missing data set is one line now, not a traceback from inside the first run
+    check_data_files(study, params, train)
     out = Path(out or Path("results") / name)
     out.mkdir(parents=True, exist_ok=True)
     specs = study.build(params)
@@ -490,31 +512,69 @@ def run_study(name: str, out: str | Path | None = None, overrides: list[str] | d
 ESTIMATE_FLOPS_PER_S = 0.4 * 312e12
 
 
-def estimate_training_flops(study: Study, params: dict, train: dict, n_images: int) -> float:
-    """Counted training FLOPs of every run: 3 x forward FLOPs per image x epochs x the images it sees."""
+def estimate_training_flops(study: Study, params: dict, train: dict, n_images: int,
+                            num_classes: int = 1000) -> float:
+    """Counted training FLOPs of every run: 3 x forward FLOPs per image x epochs x the images it sees
+    (the head sized for `num_classes`: ImageNet's unless a preset's data set says otherwise)."""
     import tempfile
 
     total = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for spec in study.build(params):
             cfg = make_config(study, params, train, spec, Path(tmp))
-            fwd = forward_flops_per_image({**cfg.to_dict(), "num_classes": cfg.num_classes or 1000,
+            fwd = forward_flops_per_image({**cfg.to_dict(), "num_classes": cfg.num_classes or num_classes,
                                            "in_chans": cfg.in_chans or 3, "img_size": cfg.img_size or 224})
             total += 3 * fwd * cfg.epochs * n_images * cfg.train_fraction
     return total
 
 
-def preset_banner(study: Study, params: dict, train: dict | None = None) -> str:
-    """What `--preset paper` is about to run and what it costs, printed before it starts."""
+def preset_banner(study: Study, params: dict, train: dict | None = None, preset: str = "paper") -> str:
+    """What `--preset paper` (or `cifar10`) is about to run and what it costs, printed before it starts."""
     shown = ", ".join(f"{k}={v}" for k, v in params.items())
     n_runs = len(study.build(params))
-    text = f"[{study.name}] paper preset: {study.paper_cost}; {n_runs} runs ({shown})"
-    if study.paper_images:
-        flops = estimate_training_flops(study, params, train or {}, study.paper_images)
+    words, images, classes = ((study.paper_cost, study.paper_images, 1000) if preset == "paper"
+                              else (study.cifar10_cost, CIFAR10_IMAGES, CIFAR10_CLASSES))
+    text = f"[{study.name}] {preset} preset: {words}; {n_runs} runs ({shown})"
+    if images:
+        flops = estimate_training_flops(study, params, train or {}, images, classes)
         hours = flops / ESTIMATE_FLOPS_PER_S / 3600
-        text += (f"\n[{study.name}] expected cost: {flops:.3g} training FLOPs (counted, {study.paper_images:,} "
-                 f"training images) = about {hours:,.1f} GPU-hours at 125 TFLOP/s (40% of an A100's bf16 peak)")
+        shown_h = f"{hours:,.1f}" if hours >= 10 else f"{hours:.2g}"  # (not "0.0" for a small preset)
+        text += (f"\n[{study.name}] expected cost: {flops:.3g} training FLOPs (counted, {images:,} "
+                 f"training images) = about {shown_h} GPU-hours at 125 TFLOP/s (40% of an A100's bf16 peak)")
+        if preset == "cifar10":  # tiny steps: kernel launches and Python, not arithmetic, bound them
+            text += ("; a lower bound for models this small, whose short steps keep a GPU far below that "
+                     "utilisation")
     return text
+
+
+def check_data_files(study: Study, params: dict, train: dict) -> None:
+    """DataError, in one line, when the study trains on CIFAR-10/100 and its files are not where
+    the loader looks (train.data_dir, else $VITLAB_DATA/NAME, ./data/NAME, ~/data/NAME); reads
+    no file, so it is cheap enough to run before every study (`--list` skips it)."""
+    from ..data import _canonical, _how_to_get
+    from ..data.cifar import SPECS, find_cifar
+    from ..data.core import candidate_dirs, format_dirs
+    from ..errors import DataError
+
+    try:
+        key = _canonical(params.get("dataset", "digits"))
+    except DataError:
+        return  # an unknown name: the run's own loader says so, with the names it knows
+    if key not in SPECS:
+        return
+    data_dir = train.get("data_dir")
+    try:
+        find_cifar(key, data_dir)
+        return
+    except DataError:
+        pass
+    spec = SPECS[key]
+    looked = ([Path(data_dir).expanduser(), Path(data_dir).expanduser() / key] if data_dir
+              else candidate_dirs(key, None))
+    raise DataError(f"study {study.name!r} trains on {spec['title']}, whose files are not found (looked in "
+                    f"{format_dirs(looked)}): {_how_to_get(key)} and put the archive, or the {spec['folder']}/ "
+                    f"folder extracted from it, in a folder passed as train.data_dir=DIR (or in "
+                    f"$VITLAB_DATA/{key}/)") from None
 
 
 def _check_seeds(rows: list[dict], log) -> None:
