@@ -129,7 +129,9 @@ def register(sub) -> None:
                        description="Fine-tune: new zero-initialised linear head for the new classes, learned "
                                    "position embeddings resampled to the new patch grid, SGD momentum 0.9, no "
                                    "weight decay, gradient clipping at 1, linear warmup then cosine decay. "
-                                   "Any training option can be overridden as key=value.")
+                                   "Published weights bring their preprocessing (resizing filter, evaluation "
+                                   "crop_pct, input size, mean/std), used unless set (interpolation=, crop_pct=, "
+                                   "mean=/std=, --img-size). Any training option can be overridden as key=value.")
     f.add_argument("checkpoint", metavar="SOURCE",
                    help="weights to start from: a run directory or checkpoint, a Hugging Face folder (config.json + "
                         "model.safetensors), a timm .safetensors/.pth (with --model), a Google .npz, "
@@ -143,7 +145,8 @@ def register(sub) -> None:
                                      "required unless in --config)")
     f.add_argument("--data-dir", metavar="DIR", help="folder with the data set's files (default: where the "
                                                      "loader looks, see the README)")
-    f.add_argument("--img-size", type=int, help="fine-tuning resolution (default: the new data's own)")
+    f.add_argument("--img-size", type=int, help="fine-tuning resolution (default: the weights' input size "
+                                                   "where they state one, else the new data's own)")
     f.add_argument("--epochs", type=int, help="number of epochs (default: 10)")
     f.add_argument("--batch-size", type=int, help="global batch size (default: 64)")
     f.add_argument("--lr", type=float, help="peak learning rate (default: 0.01)")
