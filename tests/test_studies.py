@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
+import vitlab
 from vitlab import ConfigError
 from vitlab.studies import study as S
 
@@ -333,3 +334,23 @@ def test_every_study_plots_its_arms_from_per_seed_rows(tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000, name
         arms = S.aggregate_arms(rows)
         assert sum(a["seeds"] for a in arms) == len(rows)
+
+
+def test_convmixer_patch_study_varies_only_the_patch_size(tmp_path):
+    """Each arm builds a ConvMixer whose patch embedding has the arm's patch size (and token grid),
+    everything else equal; the claim compares the finest with the coarsest patch."""
+    study = S.get_study("convmixer-patch")
+    params, train = S.resolve_params(study)
+    specs = study.build(params)
+    assert sorted({s.columns["patch_size"] for s in specs}) == [2, 4, 7]
+    assert len(specs) == 3 * len(params["seeds"])
+    shapes = {}
+    for spec in specs:
+        cfg = S.make_config(study, params, train, spec, tmp_path)
+        cfg.validate()
+        model = vitlab.create_model(cfg.model, num_classes=10, img_size=cfg.img_size, in_chans=1, **cfg.model_overrides())
+        kw = {k: v for k, v in cfg.model_kwargs.items() if k != "patch_size"}
+        shapes.setdefault(spec.columns["patch_size"], (tuple(model.patch_embed.weight.shape), json.dumps(kw, sort_keys=True)))
+    assert {p: s[0][-1] for p, s in shapes.items()} == {2: 2, 4: 4, 7: 7}
+    assert len({s[1] for s in shapes.values()}) == 1  # the same width, depth and kernel in every arm
+    assert study.claims and study.claims[0].better == {"patch_size": 2} and study.claims[0].worse == {"patch_size": 7}
