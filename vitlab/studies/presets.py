@@ -286,19 +286,27 @@ register_study(Study(
     claim="CvT paper (Tables 5-7): with convolutional token embedding the position embedding can be removed "
           "without loss; removing the convolutional embedding hurts; convolutional projections help; kv stride 2 "
           "cuts FLOPs with little accuracy loss.",
-    params={"dataset": "digits", "epochs": 20, "model": "cvt_tiny", "variants": list(CVT_VARIANTS),
-            "seeds": [0, 1, 2], "img_size": 16, "lr": 3e-3, "batch_size": 64},
+    # Fashion-MNIST at 28 px (14/7/4 token grids), 5% of its training set, as cvt-conv-proj-stages:
+    # on 8x8 digits (3 seeds, 2026-12-05) every variant scored 97.9-99.0%, a ceiling where only the
+    # conv projection's 0.8 points stood out of the spread
+    params={"dataset": "fashion-mnist", "epochs": 6, "model": "cvt_tiny", "variants": list(CVT_VARIANTS),
+            "seeds": [0, 1, 2], "img_size": 28, "lr": 3e-3, "batch_size": 64, "train_fraction": 0.05},
     claims=[Claim({"variant": "cvt"}, {"variant": "no-conv-proj"}, "convolutional projection helps (CvT Table 7)",
                   pair_on=()),
             Claim({"variant": "cvt"}, {"variant": "no-conv-embed"}, "convolutional token embedding helps "
-                  "(CvT Table 6)", pair_on=())],
+                  "(CvT Table 6)", pair_on=()),
+            # "no loss" claims: supported when the difference is within the spread or favours `better`
+            Claim({"variant": "cvt"}, {"variant": "cvt+pos"}, "with the conv embedding, dropping the position "
+                  "embedding costs nothing (CvT Table 5)", pair_on=()),
+            Claim({"variant": "cvt"}, {"variant": "kv-stride-1"}, "kv stride 2 costs little against stride 1, "
+                  "at fewer FLOPs (CvT Table 7)", pair_on=())],
     paper={"dataset": "imagefolder", "epochs": 100, "model": "cvt_13", "img_size": 224, "lr": 2.5e-4,
-           "batch_size": 256},
+           "batch_size": 256, "train_fraction": 1.0},
     paper_cost="CvT paper Tables 5-7: CvT-13 on ImageNet-1k (train.data_dir=...) at 224 px, 100 epochs (the "
                "paper trains 300)",
     paper_images=1_281_167,
-    cifar10={**CIFAR10, "epochs": 30, "model": "cvt_tiny", "lr": 1e-3, "batch_size": 128},
-    cifar10_cost="CvT-tiny (16/8/4 token grids) on CIFAR-10, 30 epochs at 32 px",
+    cifar10={**CIFAR10, "epochs": 30, "model": "cvt_tiny", "lr": 1e-3, "batch_size": 128, "train_fraction": 1.0},
+    cifar10_cost="CvT-tiny (16/8/4 token grids) on all of CIFAR-10, 30 epochs at 32 px",
     base=BASE,
     build=_cvt_runs,
     plot=lambda rows, p, path: bar_plot(rows, path, "variant",
