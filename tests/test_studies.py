@@ -260,7 +260,7 @@ def test_optimizer_grid_pairs_adam_wd01_with_sgd_momentum():
     assert by == {("resnet", "adam"), ("resnet", "sgd"), ("vit", "adam"), ("vit", "sgd")}
     adam = next(s for s in specs if s.columns["optimizer"] == "adam").overrides
     sgd = next(s for s in specs if s.columns["optimizer"] == "sgd").overrides
-    assert (adam["optimizer"], adam["weight_decay"]) == ("adam", 0.1)
+    assert (adam["optimizer"], adam["weight_decay"]) == ("adamw", 0.1)  # decoupled, as the paper's JAX Adam
     assert (sgd["optimizer"], sgd["momentum"]) == ("sgd", 0.9)
     _, _, paper = _arms("optimizer", "paper")
     assert {s.overrides["model"] for s in paper} == {"resnet50_bit"}

@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         # status for that signal (128 + number: 143 for SIGTERM), as a killed process would
         print(f"vitlab {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return int(getattr(e, "exit_status", 130))
+    except BrokenPipeError:
+        # the reader of our output went away (`vitlab study NAME --list | head`): stop quietly, as
+        # Unix tools do, with stdout pointed at /dev/null so the interpreter's final flush is silent
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -540,7 +540,9 @@ register_study(Study(
 # ViT paper App. D.1 (Table 7): pre-training ResNets with Adam (weight decay 0.1) against SGD with
 # momentum; each optimiser at its own learning rate (grid as data: name -> training fields)
 OPTIMIZERS = {
-    "adam": {"optimizer": "adam", "weight_decay": 0.1, "betas": [0.9, 0.999]},
+    # the paper's "Adam with weight decay 0.1" is decoupled: its JAX code's Adam scales the decay by
+    # the learning rate (AdamW). As an L2 term inside Adam, 0.1 held a ViT on digits at ~31%
+    "adam": {"optimizer": "adamw", "weight_decay": 0.1, "betas": [0.9, 0.999]},
     "sgd": {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4},
 }
 
@@ -563,19 +565,21 @@ def _optimizer_runs(p):
 
 register_study(Study(
     name="optimizer",
-    description="Pre-training with Adam (weight decay 0.1, the ViT paper's choice) against SGD with momentum 0.9, "
+    description="Pre-training with Adam (decoupled weight decay 0.1, the ViT paper's choice) against SGD with momentum 0.9, "
                 "for a BiT-style ResNet and a ViT.",
     claim="ViT paper (App. D.1, Table 7): Adam pre-training of ResNets on JFT is slightly better than SGD.",
-    params={"dataset": "digits", "epochs": 20, "models": ["resnet", "vit"], "optimizers": ["adam", "sgd"],
+    # Fashion-MNIST at 16 px (16 tokens for the ViT, as data-scaling's models), 5% of its training set:
+    # on digits the ResNet sat at 95-98% with either optimiser
+    params={"dataset": "fashion-mnist", "epochs": 10, "models": ["resnet", "vit"], "optimizers": ["adam", "sgd"],
             "adam_lr": 3e-3, "sgd_lr": 3e-2, "seeds": [0, 1, 2], "img_size": 16, "batch_size": 64,
-            "resnet": "", "vit": ""},
+            "resnet": "", "vit": "", "train_fraction": 0.05},
     paper={"dataset": "imagefolder", "epochs": 90, "models": ["resnet"], "resnet": "resnet50_bit", "adam_lr": 1e-3,
-           "sgd_lr": 0.1, "img_size": 224, "batch_size": 4096},
+           "sgd_lr": 0.1, "img_size": 224, "batch_size": 4096, "train_fraction": 1.0},
     paper_cost="ViT paper Table 7: BiT R50x1 pre-trained on JFT-300M (here ImageNet-21k via train.data_dir=...), "
                "90 epochs at 224 px",
     paper_images=14_000_000,
     cifar10={**CIFAR10, "epochs": 30, "resnet": "resnet_small", "vit": "vit_micro_p4", "adam_lr": 1e-3,
-             "sgd_lr": 0.1, "batch_size": 128},
+             "sgd_lr": 0.1, "batch_size": 128, "train_fraction": 1.0},
     cifar10_cost="half-width ResNet-18 and ViT-micro/4 on CIFAR-10, 30 epochs at 32 px per optimiser",
     claims=[Claim({"optimizer": "adam"}, {"optimizer": "sgd"}, "Adam pre-training beats SGD (ViT Table 7)",
                   pair_on=("model",))],
