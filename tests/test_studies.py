@@ -17,7 +17,7 @@ from vitlab.studies import study as S
 
 # the mpp study exercises every kind of run: pre-training (objective mpp), training from
 # scratch, and fine-tuning from the pre-trained run of the same study
-TINY = ["pretrain_epochs=1", "fractions=0.3", "seeds=0", "train.batch_size=128", "train.warmup_epochs=0",
+TINY = ["pretrain_epochs=1", "train_fraction=1.0", "fractions=0.3", "seeds=0", "train.batch_size=128", "train.warmup_epochs=0",
         "train.model_kwargs.depth=1",
         "train.model_kwargs.embed_dim=32", "train.model_kwargs.num_heads=2"]
 
@@ -251,7 +251,9 @@ def test_mpp_targets_grid_pretrains_once_per_target_and_rate():
     names = [s.name for s in specs]
     assert all(names.index(s.init_from) < names.index(s.name) for s in ft)   # pre-training runs first
     assert [s.name for s in specs if s.columns["init"] == "scratch"] == ["scratch-s0", "scratch-s1"]
-    assert all(s.overrides["train_fraction"] == 0.1 for s in ft)
+    # fine-tuned on the labelled subset; pre-trained on the (larger) unlabelled pool, the study's train_fraction
+    assert all(s.overrides["train_fraction"] == params["finetune_fraction"] for s in ft)
+    assert all("train_fraction" not in s.overrides for s in pre) and params["train_fraction"] > params["finetune_fraction"]
 
 
 def test_optimizer_grid_pairs_adam_wd01_with_sgd_momentum():

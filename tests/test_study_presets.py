@@ -37,9 +37,10 @@ def test_cifar10_preset_resolves_to_valid_runs_on_cifar10_at_32px(name, tmp_path
     params, train = S.resolve_params(study, preset="cifar10")
     assert params["dataset"] == "cifar10" and params["img_size"] == 32 and params["seeds"] == [0, 1, 2]
     assert train == S.CIFAR10_TRAIN
-    for key in ("fractions",):  # the data-scaling / mpp grids keep the small preset's fractions
-        if key in study.params:
-            assert params[key] == study.params[key]
+    if name == "data-scaling":  # the data-scaling grid keeps the small preset's fractions
+        assert params["fractions"] == study.params["fractions"]
+    if "train_fraction" in params and name != "data-scaling":  # every study sees all of CIFAR-10
+        assert params["train_fraction"] == 1.0
     specs = study.build(params)
     assert len({s.name for s in specs}) == len(specs) > 1
     for spec in specs:
