@@ -587,3 +587,68 @@ def test_an_error_in_a_stream_reaches_the_caller():
     m = fast.optimize_for_inference(create_model("vit_ti16", num_classes=5), streams=2)
     with torch.no_grad(), pytest.raises(ConfigError, match="channels"):
         m(torch.randn(8, 4, 224, 224))  # wrong channel count: the model's own clear error, from a stream
+
+
+# ----------------------------------------------------------------------------- training streams
+def _plain_grads(m, x, y):
+    for p in m.parameters():
+        p.grad = None
+    loss = F.cross_entropy(m(x), y)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in m.parameters()]
+
+
+def test_training_streams_compute_the_whole_batch_gradient():
+    torch.manual_seed(0)
+    m = accelerate(_create_plain("vit_ti16", num_classes=5)).train()
+    x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 5, (8,))
+    params = list(m.parameters())
+    want_loss, want = _plain_grads(m, x, y)
+    assert fast.train_streams_for(m, x, 2) == 2
+
+    def step():
+        for p in params:
+            p.grad = None
+        return fast.train_in_streams(lambda a, b: (F.cross_entropy(m(a), b), {"n": torch.tensor(float(len(b)))}),
+                                     x, y, 2, params)
+    loss, metrics = step()
+    got = [p.grad.clone() for p in params]
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+    assert metrics["n"].item() == pytest.approx(4.0)  # the parts' means weighted by their share: a mean
+    for g, w, p in zip(got, want, params):
+        assert g.shape == p.shape and g.stride() == p.stride()
+        assert rel(g, w) < 1e-4
+    step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, got))  # the parts summed in a fixed order
+    # gradients already there (accumulation steps) are added to, as backward() would
+    fast.train_in_streams(lambda a, b: (F.cross_entropy(m(a), b), {}), x, y, 2, params,
+                          backward_scale=lambda loss: loss * 0.5)
+    for p, g in zip(params, got):
+        assert torch.allclose(p.grad, 1.5 * g, rtol=1e-5, atol=1e-7)
+
+
+def test_training_streams_apply_only_where_they_keep_the_semantics():
+    torch.manual_seed(0)
+    m = accelerate(_create_plain("vit_ti16", num_classes=5)).train()
+    x = torch.randn(8, 3, 224, 224)
+    assert fast.train_streams_for(m, x, 2) == 2
+    assert fast.train_streams_for(m, x, 1) == 1
+    assert fast.train_streams_for(m, x[:7], 2) == 1                # fewer than 4 images per stream
+    with torch.no_grad():
+        assert fast.train_streams_for(m, x, 2) == 1                # no backward: not a training step
+    with torch.autocast("cpu", torch.bfloat16):
+        assert fast.train_streams_for(m, x, 2) == 1                # float32 only (measured there)
+    with fast.reference_mode():
+        assert fast.train_streams_for(m, x, 2) == 1
+    handle = m.blocks[0].register_forward_hook(lambda *a: None)
+    assert fast.train_streams_for(m, x, 2) == 1                    # a user's hook would see parts
+    handle.remove()
+    for kw, why in (({"drop_path_rate": 0.1}, "drop path"), ({"drop_rate": 0.1}, "dropout")):
+        rnd = accelerate(_create_plain("vit_ti16", num_classes=5, **kw)).train()
+        assert why in fast._batch_coupled_or_random(rnd)
+        assert fast.train_streams_for(rnd, x, 2) == 1              # random draws would interleave
+        assert fast.train_streams_for(rnd.eval(), x, 2) == 2       # (not drawn in eval mode)
+    cvt = accelerate(_create_plain("cvt_13", num_classes=5)).train()
+    assert "batch norm" in fast._batch_coupled_or_random(cvt)
+    assert fast.train_streams_for(cvt, x, 2) == 1                  # batch statistics span the batch
+    assert fast.train_streams_for(m.to(torch.bfloat16), x.bfloat16(), 2) == 1

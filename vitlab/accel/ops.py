@@ -727,6 +727,108 @@ def run_in_streams(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     return torch.cat([f.result() for f in futures])
 
 
+# ----------------------------------------------------------------------------- training streams
+# The same idea for float32 CPU training: each stream thread runs the forward, the loss and the
+# backward of its part of the batch on one core; the parts' gradients are summed in a fixed order.
+# Only where that computes the same function as the whole batch: every sample's loss independent
+# of the others (no BatchNorm using batch statistics, a per-sample objective), no random layers
+# (dropout, drop path: their draws from the one global generator would interleave in an order that
+# changes from run to run), float32 without autocast (the only dtype measured), nothing
+# intercepting operators, no hooks. Measured on the development CPU (2 cores, shared, ViT-S/16 batch
+# 32, alternating with intra-op threads): docs/speed.md, "Training streams".
+def _batch_coupled_or_random(model: nn.Module) -> str | None:
+    """Why splitting this model's training batch would change what it computes, or None."""
+    from ..models.layers import DropPath
+
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.batchnorm._NormBase) and not isinstance(m, nn.modules.instancenorm._InstanceNorm):
+            if m.training or m.running_mean is None:
+                return f"{name or 'the model'} is a batch norm (its statistics span the whole batch)"
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return f"{name} is dropout (random)"
+        if isinstance(m, DropPath) and m.p > 0:
+            return f"{name} is drop path (random)"
+        drop = getattr(m, "attn_drop", 0.0)
+        if isinstance(drop, (int, float)) and drop > 0:
+            return f"{name} has attention dropout (random)"
+    return None
+
+
+def train_streams_for(model: nn.Module, x, streams: int | None = None) -> int:
+    """How many streams a CPU training step of `model` on the batch `x` runs as (1: PyTorch's
+    intra-op threads, the usual way). `streams`: how many where they apply (None: one per intra-op
+    thread with 2-4 of them, else 1). Streams apply to float32 training on CPU, at least MIN_IMAGES_PER_STREAM images per stream, autograd on,
+    no autocast, nothing intercepting operators, no forward hooks, and a model whose samples do not
+    interact and that draws no random numbers (`_batch_coupled_or_random`). The loss must be a
+    mean of per-sample losses: that is the caller's part (the trainer asks its objective)."""
+    n = auto_inference_streams() if streams is None else int(streams)
+    if (n < 2 or not torch.is_tensor(x) or x.device.type != "cpu" or x.ndim == 0
+            or x.shape[0] < MIN_IMAGES_PER_STREAM * n or getattr(_STREAM_THREAD, "active", False)):
+        return 1
+    if (not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not (_STATE["enabled"] and _plain_context())
+            or not x.is_floating_point() or x.dtype != torch.float32):
+        return 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+        return 1
+    if _user_hooks(model) or _batch_coupled_or_random(model) is not None:
+        return 1
+    return n
+
+
+def train_in_streams(loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
+                     x: torch.Tensor, y: torch.Tensor, n: int, params: list[torch.Tensor],
+                     backward_scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
+                     ) -> tuple[torch.Tensor, dict]:
+    """One training forward + backward of the batch (x, y) as `n` equal parts, each in a stream
+    thread (see `train_streams_for`). `loss_fn(x_part, y_part)` returns (mean loss of the part,
+    {metric: mean over the part}); part i's loss is weighted by its share of the batch, so the
+    gradient is that of the whole batch's mean loss. The gradient of `backward_scale(loss)` is
+    added to each parameter's `.grad` (as `backward_scale(loss).backward()` would), the parts'
+    gradients summed in part order on this thread: the same bits on every run. Returns (the
+    batch's loss, detached, and its metrics)."""
+    pool = _stream_pool(n)
+    B = x.shape[0]
+
+    def job(xp, yp):
+        with torch.enable_grad():
+            loss, metrics = loss_fn(xp, yp)
+            w = xp.shape[0] / B
+            grads = torch.autograd.grad(backward_scale(loss * w), params, allow_unused=True)
+        return loss.detach() * w, {k: torch.as_tensor(v).detach().float() * w for k, v in metrics.items()}, grads
+    futures = [pool.submit(job, xp, yp) for xp, yp in zip(x.chunk(n), y.chunk(n))]
+    wait(futures)  # every part finished (or failed) before anything is returned or raised
+    results = [f.result() for f in futures]
+    total_loss = results[0][0]
+    metrics = dict(results[0][1])
+    for loss, m, _ in results[1:]:
+        total_loss = total_loss + loss
+        for k, v in m.items():
+            metrics[k] = metrics[k] + v
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            parts = [r[2][i] for r in results if r[2][i] is not None]
+            if not parts:
+                continue
+            if p.grad is not None:
+                for g in parts:  # part order: the same sum on every run
+                    p.grad.add_(g)
+                continue
+            # a fresh buffer in the parameter's layout: autograd may hand two parameters the same
+            # gradient tensor, so the parts themselves are never written to
+            g = torch.empty_like(p, memory_format=torch.preserve_format)
+            if len(parts) == 1:
+                g.copy_(parts[0])
+            else:
+                torch.add(parts[0], parts[1], out=g)
+                for other in parts[2:]:
+                    g.add_(other)
+            p.grad = g
+    return total_loss, metrics
+
+
 # ----------------------------------------------------------------------------- optimizers
 def fused_adamw(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                 fused: bool | None = None) -> torch.optim.AdamW:
