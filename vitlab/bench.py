@@ -411,8 +411,8 @@ def make_step(forward: Callable, model: nn.Module, mode: str, x: torch.Tensor, y
         return step
     if fast:
         # float32: what `vitlab train` does (precision=auto is float32 on CPU): its optimizer
-        # (`build_optimizer`: AdamW, no weight decay on norms and biases, foreach on CPU, fused on
-        # CUDA) and, where they apply, its training streams (`ops.train_in_streams`)
+        # (`build_optimizer`: fused AdamW, no weight decay on norms and biases) and, where they
+        # apply, its training streams (`ops.train_in_streams`)
         from types import SimpleNamespace
 
         from .train.optim import build_optimizer
