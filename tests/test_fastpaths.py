@@ -66,8 +66,45 @@ def test_fused_linear_matches_float32(act, with_residual):
         out = fast.linear(x.bfloat16(), lb, act=act, residual=None if res is None else res.bfloat16())
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     assert rel(out, ref) < 1e-2
-    # the fp32 path (not eligible for oneDNN) is the plain computation
-    assert torch.allclose(fast.linear(x, layer, act=act, residual=res), ref, atol=1e-6)
+    # float32: oneDNN's product on AVX-512 CPUs (`caps.onednn_f32_linear_reason`), else F.linear
+    out = fast.linear(x, layer, act=act, residual=res)
+    assert out.dtype == torch.float32 and rel(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_float32_linear_and_its_gradients_match_the_plain_layer(with_residual, monkeypatch):
+    """float32 training through `ops.linear`: oneDNN's forward (bias, residual fused) and input
+    gradient where the CPU qualifies, F.linear elsewhere; the same outputs and gradients either way."""
+    torch.manual_seed(4)
+    layer = nn.Linear(40, 72)
+    x = torch.randn(3, 11, 40, requires_grad=True)
+    res = torch.randn(3, 11, 72, requires_grad=True) if with_residual else None
+    g = torch.randn(3, 11, 72)
+    out = F.linear(x, layer.weight, layer.bias) + (res if with_residual else 0)
+    out.backward(g)
+    ref = [out.detach(), x.grad, layer.weight.grad, layer.bias.grad] + ([res.grad] if with_residual else [])
+    for here in (True, False):
+        if not here:  # the plain path, as on CPUs without AVX-512
+            monkeypatch.setattr(fast, "_onednn_f32_here", lambda: False)
+        for t in [x, layer.weight, layer.bias] + ([res] if with_residual else []):
+            t.grad = None
+        got_out = fast.linear(x, layer, residual=res)
+        got_out.backward(g)
+        got = [got_out.detach(), x.grad, layer.weight.grad, layer.bias.grad] + ([res.grad] if with_residual else [])
+        for a, b in zip(got, ref):
+            assert a is not None and a.shape == b.shape and a.dtype == torch.float32
+            assert rel(a, b) < 1e-5
+    with torch.autocast("cpu", torch.bfloat16):  # autocast: its bf16 product, never oneDNN's float32 one
+        assert not fast._onednn_f32_ok(x, layer.weight)
+
+
+def test_float32_onednn_linear_is_used_only_on_avx512_cpus():
+    from vitlab.accel import caps
+
+    c = caps.capabilities()
+    why = caps.onednn_f32_linear_reason(c)
+    capped = (c.onednn_max_isa or "").strip().lower() in {"sse41", "avx", "avx2", "avx2_vnni"}
+    assert (why is None) == (c.onednn and c.has("avx512f") and not capped)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
