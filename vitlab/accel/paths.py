@@ -124,7 +124,7 @@ PATHS: tuple[FastPath, ...] = (
     FastPath("training streams", "ops.train_in_streams", "CPU with 2-4 threads; a model without batch norm or "
              "random layers, a per-sample objective", _always, "fp32", "training", "intra-op threads",
              "test_fastpaths.py::test_training_streams_compute_the_whole_batch_gradient",
-             "ViT-S/16 train step: see docs/speed.md"),
+             "ViT-S/16 train step vs transformers 1.26x, intra-op 1.06x (batch 16, loaded 2-core CPU)"),
     FastPath("tuned glibc allocator", "ops.tune_cpu_allocator", "glibc", _glibc, "any", "both", "glibc defaults",
              "test_fastpaths.py (allocator tests)", "ConvMixer-768/32 bf16 training 2.4x"),
     FastPath("fused AdamW", "ops.fused_adamw", "CPU or CUDA", _always, "any", "training", "foreach AdamW",
