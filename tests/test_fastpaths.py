@@ -680,6 +680,13 @@ def test_training_streams_apply_only_where_they_keep_the_semantics():
     handle = m.blocks[0].register_forward_hook(lambda *a: None)
     assert fast.train_streams_for(m, x, 2) == 1                    # a user's hook would see parts
     handle.remove()
+    for register in (lambda: m.blocks[0].register_full_backward_hook(lambda *a: None),
+                     lambda: m.head.weight.register_hook(lambda g: g),
+                     lambda: m.head.weight.register_post_accumulate_grad_hook(lambda p: None)):
+        handle = register()
+        assert fast.train_streams_for(m, x, 2) == 1                # backward hooks would see parts, or not run
+        handle.remove()
+    assert fast.train_streams_for(m, x, 2) == 2
     for kw, why in (({"drop_path_rate": 0.1}, "drop path"), ({"drop_rate": 0.1}, "dropout")):
         rnd = accelerate(_create_plain("vit_ti16", num_classes=5, **kw)).train()
         assert why in fast._batch_coupled_or_random(rnd)

@@ -793,9 +793,17 @@ def train_streams_for(model: nn.Module, x, streams: int | None = None) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
         return 1
-    if _user_hooks(model) or _batch_coupled_or_random(model) is not None:
+    if _user_hooks(model) or _backward_hooks(model, params) or _batch_coupled_or_random(model) is not None:
         return 1
     return n
+
+
+def _backward_hooks(model: nn.Module, params: list[torch.Tensor]) -> bool:
+    """Backward hooks on modules or parameters: in streams they would see one part's gradients, in
+    another thread, and the streams' `autograd.grad` never runs post-accumulate-grad hooks."""
+    if any(m._backward_hooks or m._backward_pre_hooks for m in model.modules()):
+        return True
+    return any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
 
 
 def train_in_streams(loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
