@@ -695,4 +695,9 @@ def test_training_streams_apply_only_where_they_keep_the_semantics():
     cvt = accelerate(_create_plain("cvt_13", num_classes=5)).train()
     assert "batch norm" in fast._batch_coupled_or_random(cvt)
     assert fast.train_streams_for(cvt, x, 2) == 1                  # batch statistics span the batch
+    tiny = accelerate(_create_plain("vit_nano_p2", num_classes=10, in_chans=1)).train()
+    digits = torch.randn(64, 1, 8, 8)
+    assert fast._forward_flops_per_image(tiny, digits) * 32 < fast.MIN_TRAIN_STREAM_FLOPS
+    assert fast.train_streams_for(tiny, digits, 2) == 1            # too little work per stream to pay
+    assert tiny.training                                           # counting the FLOPs left the mode as it was
     assert fast.train_streams_for(m.to(torch.bfloat16), x.bfloat16(), 2) == 1
