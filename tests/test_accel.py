@@ -85,6 +85,7 @@ mix = accel.optimize_for_inference(vitlab.create_model("convmixer_256_8", num_cl
 with torch.no_grad():
     mixout = mix(torch.randn(4, 1, 16, 16))
 print(json.dumps(dict(native=c.cpu_bf16_native, reason=c.cpu_bf16_reason, kernels=kernels.static_reason(),
+                      f32_linear=caps.onednn_f32_linear_reason(c),
                       auto=str(auto.inference_dtype), finite=bool(out.float().isfinite().all()),
                       mix=bool(mixout.float().isfinite().all()),
                       warnings=[str(x.message) for x in w if issubclass(x.category, RuntimeWarning)])))
@@ -101,6 +102,7 @@ def test_avx2_capped_machine_takes_the_plain_paths():
     assert r["native"] is False and "ONEDNN_MAX_CPU_ISA" in r["reason"]
     assert r["kernels"] is not None
     assert r["auto"] == "torch.float32"
+    assert r["f32_linear"] is not None  # oneDNN's float32 linear (measured on AVX-512 only) is off
     assert r["finite"] and r["mix"]
     bf16_warnings = [w for w in r["warnings"] if "bf16 requested" in w]
     assert len(bf16_warnings) == 1 and "fp32" in bf16_warnings[0]

@@ -66,8 +66,45 @@ def test_fused_linear_matches_float32(act, with_residual):
         out = fast.linear(x.bfloat16(), lb, act=act, residual=None if res is None else res.bfloat16())
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     assert rel(out, ref) < 1e-2
-    # the fp32 path (not eligible for oneDNN) is the plain computation
-    assert torch.allclose(fast.linear(x, layer, act=act, residual=res), ref, atol=1e-6)
+    # float32: oneDNN's product on AVX-512 CPUs (`caps.onednn_f32_linear_reason`), else F.linear
+    out = fast.linear(x, layer, act=act, residual=res)
+    assert out.dtype == torch.float32 and rel(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_float32_linear_and_its_gradients_match_the_plain_layer(with_residual, monkeypatch):
+    """float32 training through `ops.linear`: oneDNN's forward (bias, residual fused) and input
+    gradient where the CPU qualifies, F.linear elsewhere; the same outputs and gradients either way."""
+    torch.manual_seed(4)
+    layer = nn.Linear(40, 72)
+    x = torch.randn(3, 11, 40, requires_grad=True)
+    res = torch.randn(3, 11, 72, requires_grad=True) if with_residual else None
+    g = torch.randn(3, 11, 72)
+    out = F.linear(x, layer.weight, layer.bias) + (res if with_residual else 0)
+    out.backward(g)
+    ref = [out.detach(), x.grad, layer.weight.grad, layer.bias.grad] + ([res.grad] if with_residual else [])
+    for here in (True, False):
+        if not here:  # the plain path, as on CPUs without AVX-512
+            monkeypatch.setattr(fast, "_onednn_f32_here", lambda: False)
+        for t in [x, layer.weight, layer.bias] + ([res] if with_residual else []):
+            t.grad = None
+        got_out = fast.linear(x, layer, residual=res)
+        got_out.backward(g)
+        got = [got_out.detach(), x.grad, layer.weight.grad, layer.bias.grad] + ([res.grad] if with_residual else [])
+        for a, b in zip(got, ref):
+            assert a is not None and a.shape == b.shape and a.dtype == torch.float32
+            assert rel(a, b) < 1e-5
+    with torch.autocast("cpu", torch.bfloat16):  # autocast: its bf16 product, never oneDNN's float32 one
+        assert not fast._onednn_f32_ok(x, layer.weight)
+
+
+def test_float32_onednn_linear_is_used_only_on_avx512_cpus():
+    from vitlab.accel import caps
+
+    c = caps.capabilities()
+    why = caps.onednn_f32_linear_reason(c)
+    capped = (c.onednn_max_isa or "").strip().lower() in {"sse41", "avx", "avx2", "avx2_vnni"}
+    assert (why is None) == (c.onednn and c.has("avx512f") and not capped)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -587,3 +624,80 @@ def test_an_error_in_a_stream_reaches_the_caller():
     m = fast.optimize_for_inference(create_model("vit_ti16", num_classes=5), streams=2)
     with torch.no_grad(), pytest.raises(ConfigError, match="channels"):
         m(torch.randn(8, 4, 224, 224))  # wrong channel count: the model's own clear error, from a stream
+
+
+# ----------------------------------------------------------------------------- training streams
+def _plain_grads(m, x, y):
+    for p in m.parameters():
+        p.grad = None
+    loss = F.cross_entropy(m(x), y)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in m.parameters()]
+
+
+def test_training_streams_compute_the_whole_batch_gradient():
+    torch.manual_seed(0)
+    m = accelerate(_create_plain("vit_ti16", num_classes=5)).train()
+    x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 5, (8,))
+    params = list(m.parameters())
+    want_loss, want = _plain_grads(m, x, y)
+    assert fast.train_streams_for(m, x, 2) == 2
+
+    def step():
+        for p in params:
+            p.grad = None
+        return fast.train_in_streams(lambda a, b: (F.cross_entropy(m(a), b), {"n": torch.tensor(float(len(b)))}),
+                                     x, y, 2, params)
+    loss, metrics = step()
+    got = [p.grad.clone() for p in params]
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+    assert metrics["n"].item() == pytest.approx(4.0)  # the parts' means weighted by their share: a mean
+    for g, w, p in zip(got, want, params):
+        assert g.shape == p.shape and g.stride() == p.stride()
+        assert rel(g, w) < 1e-4
+    step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, got))  # the parts summed in a fixed order
+    # gradients already there (accumulation steps) are added to, as backward() would
+    fast.train_in_streams(lambda a, b: (F.cross_entropy(m(a), b), {}), x, y, 2, params,
+                          backward_scale=lambda loss: loss * 0.5)
+    for p, g in zip(params, got):
+        assert torch.allclose(p.grad, 1.5 * g, rtol=1e-5, atol=1e-7)
+
+
+def test_training_streams_apply_only_where_they_keep_the_semantics():
+    torch.manual_seed(0)
+    m = accelerate(_create_plain("vit_ti16", num_classes=5)).train()
+    x = torch.randn(8, 3, 224, 224)
+    assert fast.train_streams_for(m, x, 2) == 2
+    assert fast.train_streams_for(m, x, 1) == 1
+    assert fast.train_streams_for(m, x[:7], 2) == 1                # fewer than 4 images per stream
+    with torch.no_grad():
+        assert fast.train_streams_for(m, x, 2) == 1                # no backward: not a training step
+    with torch.autocast("cpu", torch.bfloat16):
+        assert fast.train_streams_for(m, x, 2) == 1                # float32 only (measured there)
+    with fast.reference_mode():
+        assert fast.train_streams_for(m, x, 2) == 1
+    handle = m.blocks[0].register_forward_hook(lambda *a: None)
+    assert fast.train_streams_for(m, x, 2) == 1                    # a user's hook would see parts
+    handle.remove()
+    for register in (lambda: m.blocks[0].register_full_backward_hook(lambda *a: None),
+                     lambda: m.head.weight.register_hook(lambda g: g),
+                     lambda: m.head.weight.register_post_accumulate_grad_hook(lambda p: None)):
+        handle = register()
+        assert fast.train_streams_for(m, x, 2) == 1                # backward hooks would see parts, or not run
+        handle.remove()
+    assert fast.train_streams_for(m, x, 2) == 2
+    for kw, why in (({"drop_path_rate": 0.1}, "drop path"), ({"drop_rate": 0.1}, "dropout")):
+        rnd = accelerate(_create_plain("vit_ti16", num_classes=5, **kw)).train()
+        assert why in fast._batch_coupled_or_random(rnd)
+        assert fast.train_streams_for(rnd, x, 2) == 1              # random draws would interleave
+        assert fast.train_streams_for(rnd.eval(), x, 2) == 2       # (not drawn in eval mode)
+    cvt = accelerate(_create_plain("cvt_13", num_classes=5)).train()
+    assert "batch norm" in fast._batch_coupled_or_random(cvt)
+    assert fast.train_streams_for(cvt, x, 2) == 1                  # batch statistics span the batch
+    tiny = accelerate(_create_plain("vit_nano_p2", num_classes=10, in_chans=1)).train()
+    digits = torch.randn(64, 1, 8, 8)
+    assert fast._forward_flops_per_image(tiny, digits) * 32 < fast.MIN_TRAIN_STREAM_FLOPS
+    assert fast.train_streams_for(tiny, digits, 2) == 1            # too little work per stream to pay
+    assert tiny.training                                           # counting the FLOPs left the mode as it was
+    assert fast.train_streams_for(m.to(torch.bfloat16), x.bfloat16(), 2) == 1

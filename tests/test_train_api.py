@@ -147,3 +147,41 @@ def test_training_on_cpu_tunes_the_allocator_unless_told_not_to(tmp_path, monkey
 def test_a_wrong_allocator_setting_names_the_choices():
     with pytest.raises(ConfigError, match="cpu_allocator.*tuned.*system"):
         TrainConfig(cpu_allocator="jemalloc").validate()
+
+
+def test_float32_cpu_training_runs_in_streams_unless_told_not_to(tmp_path, monkeypatch):
+    from vitlab.accel import ops as fast
+
+    calls, real = [], fast.train_in_streams
+
+    def counting(loss_fn, x, y, n, params, **kw):
+        calls.append(n)
+        return real(loss_fn, x, y, n, params, **kw)
+    monkeypatch.setattr(fast, "train_in_streams", counting)
+    # the default model is far below the work a stream needs to pay (test_fastpaths checks that
+    # bound); here the trainer's wiring is checked, so the bound is lifted
+    monkeypatch.setattr(fast, "MIN_TRAIN_STREAM_FLOPS", 0)
+    losses = {}
+    for setting in ("auto", "off"):
+        calls.clear()
+        res = fit(TrainConfig(out=str(tmp_path), name=f"streams-{setting}", epochs=1, max_steps=2, batch_size=32,
+                              threads=2, drop_path=0.0, dropout=0.0, tensorboard=False, progress=False,
+                              train_streams=setting), verbose=False)
+        assert calls == ([2, 2] if setting == "auto" else [])
+        losses[setting] = res.step_losses
+    # the same batches, the same gradient up to float32 rounding: the same losses
+    assert len(losses["auto"]) == len(losses["off"]) == 2
+    assert losses["auto"] == pytest.approx(losses["off"], rel=1e-4)
+
+
+def test_training_streams_stay_off_where_the_model_draws_random_numbers(tmp_path, monkeypatch):
+    from vitlab.accel import ops as fast
+
+    calls = []
+    monkeypatch.setattr(fast, "train_in_streams", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(fast, "MIN_TRAIN_STREAM_FLOPS", 0)
+    fit(TrainConfig(out=str(tmp_path), name="streams-droppath", epochs=1, max_steps=1, batch_size=32, threads=2,
+                    drop_path=0.1, tensorboard=False, progress=False), verbose=False)
+    assert calls == []
+    with pytest.raises(ConfigError, match="train_streams.*auto.*off"):
+        TrainConfig(train_streams="always").validate()

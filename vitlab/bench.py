@@ -409,7 +409,31 @@ def make_step(forward: Callable, model: nn.Module, mode: str, x: torch.Tensor, y
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
-    if fast or optimizer == "fused":
+    if fast:
+        # float32: what `vitlab train` does (precision=auto is float32 on CPU): its optimizer
+        # (`build_optimizer`: fused AdamW, no weight decay on norms and biases) and, where they
+        # apply, its training streams (`ops.train_in_streams`)
+        from types import SimpleNamespace
+
+        from .train.optim import build_optimizer
+
+        opt = build_optimizer(model, SimpleNamespace(optimizer="adamw", lr=1e-4, betas=(0.9, 0.999),
+                                                     weight_decay=0.05, layer_decay=None))
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def loss_fn(xp, yp):
+            return F.cross_entropy(forward(xp).float(), yp), {}
+
+        def step():
+            n = fastmod.train_streams_for(model, x)
+            if n > 1:
+                fastmod.train_in_streams(loss_fn, x, y, n, params)
+            else:
+                loss_fn(x, y)[0].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    if optimizer == "fused":
         opt = fastmod.fused_adamw(model.parameters(), lr=1e-4, weight_decay=0.05)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, foreach=True)

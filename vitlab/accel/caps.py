@@ -144,6 +144,21 @@ def _cpu_bf16(arch: str, raw: set[str], onednn_max_isa: str | None) -> tuple[boo
     return False, f"no native bf16 known for {arch}"
 
 
+def onednn_f32_linear_reason(c: "Capabilities | None" = None) -> str | None:
+    """None where vitlab computes float32 linear layers with oneDNN (`ops.linear`), else why not.
+    Measured only on an AVX-512 CPU (Zen 4, one thread: forward with bias 1.05-1.3x, input
+    gradient 1.1-1.35x MKL's products at ViT-S/16 and CvT-13 shapes), so used only where oneDNN
+    runs its AVX-512 kernels."""
+    c = c or capabilities()
+    if not c.onednn:
+        return "PyTorch here has no oneDNN"
+    if c.arch not in ("x86_64", "AMD64") or not c.has("avx512f"):
+        return "measured only on AVX-512 CPUs (this one has none)"
+    if c.onednn_max_isa and c.onednn_max_isa.strip().lower() in {"sse41", "avx", "avx2", "avx2_vnni"}:
+        return f"ONEDNN_MAX_CPU_ISA={c.onednn_max_isa} caps oneDNN below AVX-512"
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def capabilities() -> Capabilities:
     """Probe once (a few milliseconds) and cache. `refresh()` probes again."""

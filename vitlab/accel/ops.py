@@ -118,6 +118,20 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and _plain_context())
 
 
+@functools.lru_cache(maxsize=1)
+def _onednn_f32_here() -> bool:
+    return _HAS_ONEDNN_LINEAR and caps.onednn_f32_linear_reason() is None
+
+
+def _onednn_f32_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The float32 oneDNN linear applies: CPU, float32 activations and weights (no autocast, which
+    would make the product bf16), an AVX-512 CPU (`caps.onednn_f32_linear_reason`), nothing
+    intercepting ops."""
+    return (_STATE["enabled"] and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and _onednn_f32_here()
+            and _plain_context())
+
+
 class _FusedLinear(torch.autograd.Function):
     """y = x W^T + b (+ residual) with the bias / residual add fused into oneDNN's product in
     the forward; the backward is the usual pair of matrix products (what aten's linear does),
@@ -137,7 +151,13 @@ class _FusedLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = (g2 @ weight).reshape(x.shape)
+            if weight.dtype == torch.float32:
+                # float32: oneDNN's product with the transposed weight (copied dense: a few hundred
+                # kB) beat MKL's g @ W by 1.1-1.35x at ViT-S/16 and CvT-13 shapes (one thread, Zen 4)
+                gx = torch.ops.mkldnn._linear_pointwise(g2.contiguous(), weight.t().contiguous(), None, "none",
+                                                        [], "").reshape(x.shape)
+            else:
+                gx = (g2 @ weight).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             gw = g2.t() @ x.reshape(-1, x.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -161,7 +181,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, act: str | None = None,
         out = layer(x)
         out = F.gelu(out) if act == "gelu" else F.relu(out) if act == "relu" else out
         return out if residual is None else residual + out
-    if _onednn_ok(x, w):
+    if _onednn_ok(x, w) or _onednn_f32_ok(x, w):
         if not x.is_contiguous():
             x = x.contiguous()
         fuse_res = (residual is not None and act is None and residual.dtype == x.dtype
@@ -725,6 +745,143 @@ def run_in_streams(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     futures = [pool.submit(job, part) for part in x.chunk(n)]
     wait(futures)  # every part finished (or failed) before anything is returned or raised
     return torch.cat([f.result() for f in futures])
+
+
+# ----------------------------------------------------------------------------- training streams
+# The same idea for float32 CPU training: each stream thread runs the forward, the loss and the
+# backward of its part of the batch on one core; the parts' gradients are summed in a fixed order.
+# Only where that computes the same function as the whole batch: every sample's loss independent
+# of the others (no BatchNorm using batch statistics, a per-sample objective), no random layers
+# (dropout, drop path: their draws from the one global generator would interleave in an order that
+# changes from run to run), float32 without autocast (the only dtype measured), nothing
+# intercepting operators, no hooks. Measured on the development CPU (2 cores, shared, ViT-S/16 batch
+# 32, alternating with intra-op threads): docs/speed.md, "Training streams".
+def _batch_coupled_or_random(model: nn.Module) -> str | None:
+    """Why splitting this model's training batch would change what it computes, or None."""
+    from ..models.layers import DropPath
+
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.batchnorm._NormBase) and not isinstance(m, nn.modules.instancenorm._InstanceNorm):
+            if m.training or m.running_mean is None:
+                return f"{name or 'the model'} is a batch norm (its statistics span the whole batch)"
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return f"{name} is dropout (random)"
+        if isinstance(m, DropPath) and m.p > 0:
+            return f"{name} is drop path (random)"
+        drop = getattr(m, "attn_drop", 0.0)
+        if isinstance(drop, (int, float)) and drop > 0:
+            return f"{name} has attention dropout (random)"
+    return None
+
+
+def train_streams_for(model: nn.Module, x, streams: int | None = None) -> int:
+    """How many streams a CPU training step of `model` on the batch `x` runs as (1: PyTorch's
+    intra-op threads, the usual way). `streams`: how many where they apply (None: one per intra-op
+    thread with 2-4 of them, else 1). Streams apply to float32 training on CPU, at least MIN_IMAGES_PER_STREAM images per stream, autograd on,
+    no autocast, nothing intercepting operators, no forward hooks, and a model whose samples do not
+    interact and that draws no random numbers (`_batch_coupled_or_random`). The loss must be a
+    mean of per-sample losses: that is the caller's part (the trainer asks its objective)."""
+    n = auto_inference_streams() if streams is None else int(streams)
+    if (n < 2 or not torch.is_tensor(x) or x.device.type != "cpu" or x.ndim == 0
+            or x.shape[0] < MIN_IMAGES_PER_STREAM * n or getattr(_STREAM_THREAD, "active", False)):
+        return 1
+    if (not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not (_STATE["enabled"] and _plain_context())
+            or not x.is_floating_point() or x.dtype != torch.float32):
+        return 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+        return 1
+    if _user_hooks(model) or _backward_hooks(model, params) or _batch_coupled_or_random(model) is not None:
+        return 1
+    flops = _forward_flops_per_image(model, x)
+    if flops is None or flops * (x.shape[0] // n) < MIN_TRAIN_STREAM_FLOPS:
+        return 1
+    return n
+
+
+# A stream's part must be worth its thread: the default run's tiny model (vit_nano_p2 on 8x8
+# digits, 0.2 GFLOP forward per stream part, as `count_flops` counts) trained 0.79x as fast with
+# streams on a quiet machine (27.2 s against 21.5 s: its Python-bound operators contend for the
+# GIL), ViT-S/16 (150 GFLOP per part at batch 32) faster. Sizes in between are not measured; this
+# bound is about 20 ms of one core's float32 products per forward.
+MIN_TRAIN_STREAM_FLOPS = 2e9
+
+
+def _forward_flops_per_image(model: nn.Module, x: torch.Tensor) -> float | None:
+    """The model's forward FLOPs for one image shaped like x[0] (`vitlab.flops.count_flops`,
+    counted once per shape and kept on the model), or None where they cannot be counted."""
+    key = tuple(x.shape[1:])
+    cache = model.__dict__.setdefault("_vitlab_flops_per_image", {})
+    if key not in cache:
+        from ..flops import count_flops
+
+        try:
+            with torch.no_grad():
+                cache[key] = float(count_flops(model, img_size=tuple(x.shape[-2:]), in_chans=x.shape[1]))
+        except Exception:  # a model the counter cannot run: no streams (the usual intra-op threads)
+            cache[key] = None
+    return cache[key]
+
+
+def _backward_hooks(model: nn.Module, params: list[torch.Tensor]) -> bool:
+    """Backward hooks on modules or parameters: in streams they would see one part's gradients, in
+    another thread, and the streams' `autograd.grad` never runs post-accumulate-grad hooks."""
+    if any(m._backward_hooks or m._backward_pre_hooks for m in model.modules()):
+        return True
+    return any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
+
+
+def train_in_streams(loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
+                     x: torch.Tensor, y: torch.Tensor, n: int, params: list[torch.Tensor],
+                     backward_scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
+                     ) -> tuple[torch.Tensor, dict]:
+    """One training forward + backward of the batch (x, y) as `n` equal parts, each in a stream
+    thread (see `train_streams_for`). `loss_fn(x_part, y_part)` returns (mean loss of the part,
+    {metric: mean over the part}); part i's loss is weighted by its share of the batch, so the
+    gradient is that of the whole batch's mean loss. The gradient of `backward_scale(loss)` is
+    added to each parameter's `.grad` (as `backward_scale(loss).backward()` would), the parts'
+    gradients summed in part order on this thread: the same bits on every run. Returns (the
+    batch's loss, detached, and its metrics)."""
+    pool = _stream_pool(n)
+    B = x.shape[0]
+
+    def job(xp, yp):
+        with torch.enable_grad():
+            loss, metrics = loss_fn(xp, yp)
+            w = xp.shape[0] / B
+            grads = torch.autograd.grad(backward_scale(loss * w), params, allow_unused=True)
+        return loss.detach() * w, {k: torch.as_tensor(v).detach().float() * w for k, v in metrics.items()}, grads
+    futures = [pool.submit(job, xp, yp) for xp, yp in zip(x.chunk(n), y.chunk(n))]
+    wait(futures)  # every part finished (or failed) before anything is returned or raised
+    results = [f.result() for f in futures]
+    total_loss = results[0][0]
+    metrics = dict(results[0][1])
+    for loss, m, _ in results[1:]:
+        total_loss = total_loss + loss
+        for k, v in m.items():
+            metrics[k] = metrics[k] + v
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            parts = [r[2][i] for r in results if r[2][i] is not None]
+            if not parts:
+                continue
+            if p.grad is not None:
+                for g in parts:  # part order: the same sum on every run
+                    p.grad.add_(g)
+                continue
+            # a fresh buffer in the parameter's layout: autograd may hand two parameters the same
+            # gradient tensor, so the parts themselves are never written to
+            g = torch.empty_like(p, memory_format=torch.preserve_format)
+            if len(parts) == 1:
+                g.copy_(parts[0])
+            else:
+                torch.add(parts[0], parts[1], out=g)
+                for other in parts[2:]:
+                    g.add_(other)
+            p.grad = g
+    return total_loss, metrics
 
 
 # ----------------------------------------------------------------------------- optimizers

@@ -84,6 +84,7 @@ class TrainConfig:
     precision: str = "auto"            # auto: bf16 on GPUs with native bf16 (sm80+), fp32 elsewhere
     compile: bool = False
     cpu_allocator: str = "tuned"       # tuned: keep freed memory for reuse (fast.tune_cpu_allocator); system
+    train_streams: str = "auto"        # auto: float32 CPU training as one batch part per core where that computes the same; off
     seed: int = 0
     objective: str = "classification"
     objective_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -182,6 +183,7 @@ class TrainConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("cpu_allocator", self.cpu_allocator, ("tuned", "system"))
+        check_choice("train_streams", self.train_streams, ("auto", "off"))
         check_choice("on_bad_image", self.on_bad_image, ("skip", "error"))
         check_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         for name in ("epochs", "batch_size", "eval_batch_size", "accum_steps", "eval_every"):
@@ -488,6 +490,9 @@ FIELD_HELP = {
     "compile": "torch.compile the model",
     "cpu_allocator": "on CPU: tuned (glibc keeps freed tensor memory for reuse instead of fresh, page-faulting "
                      "mmaps: ConvMixer-768/32 bf16 training 2.4x faster) or system (glibc as it is)",
+    "train_streams": "on CPU with 2-4 threads: auto (float32 training runs each core's part of the batch, forward "
+                     "and backward, on its own core, gradients summed in a fixed order; only where that computes "
+                     "the same: no batch norm, dropout or drop path, a per-sample objective, no DDP) or off",
     "seed": "seed of initialisation, data order and augmentation",
     "objective": "training objective (classification; others register themselves)",
     "objective_kwargs": "options of the objective",

@@ -604,6 +604,13 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
         train_model = torch.compile(train_model)
     params = [p for p in raw.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in raw.parameters()) if not cfg.fsdp else None
+    # float32 CPU training as one batch part per core (vitlab.accel.ops.train_in_streams), where it
+    # computes the same gradient: one process, eager, a per-sample objective; the model's own
+    # conditions (no batch norm, no random layers, ...) are checked per batch by train_streams_for
+    from ..accel import ops as fast
+
+    streams_ok = (cfg.train_streams == "auto" and device.type == "cpu" and not info.enabled and not cfg.fsdp
+                  and not cfg.compile and amp_dtype is None and getattr(objective, "per_sample_mean", False))
 
     log.line(f"run {run_dir}: {cfg.model} on {cfg.dataset} ({n_train} train / {len(bundle.val.labels)} "
              f"{bundle.val_name}, "
@@ -765,10 +772,16 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, model: nn.Module | None, bundle, ve
                     sync = contextlib.nullcontext()
                     if m < A - 1 and info.enabled and not cfg.fsdp:
                         sync = train_model.no_sync()
-                    with sync:
-                        with _autocast(device, amp_dtype):
-                            loss, metrics = objective.loss(train_model, x, y)
-                        scaler.scale(loss / A).backward()
+                    n_streams = fast.train_streams_for(raw, x) if streams_ok else 1
+                    if n_streams > 1:
+                        loss, metrics = fast.train_in_streams(
+                            lambda xp, yp: objective.loss(train_model, xp, yp), x, y, n_streams, params,
+                            backward_scale=lambda part_loss: scaler.scale(part_loss / A))
+                    else:
+                        with sync:
+                            with _autocast(device, amp_dtype):
+                                loss, metrics = objective.loss(train_model, x, y)
+                            scaler.scale(loss / A).backward()
                     step_loss += loss.detach().float() / A
                     for k, v in metrics.items():
                         step_metrics[k] = step_metrics.get(k, 0.0) + torch.as_tensor(v).detach().float() / A

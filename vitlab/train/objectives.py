@@ -39,6 +39,9 @@ class ClassificationObjective:
     name = "classification"
     #: the headline metric used to pick the best checkpoint (higher is better)
     primary_metric = "acc"
+    #: the loss and metrics are means of per-sample values: the engine may split a batch into parts
+    #: (CPU training streams) and weight the parts' results by their size
+    per_sample_mean = True
 
     def __init__(self, **kwargs):
         if kwargs:
