@@ -1,6 +1,7 @@
 """vitlab's own CPU kernels (fused attention, layer norm, GELU, CvT's depthwise q/k/v projections)
-for bf16 inference, and attention, GELU and layer norm with their backward for bf16 training, on
-x86-64 CPUs with AVX-512 BF16 (Intel Cooper Lake and later, AMD Zen 4 and later). Attention's
+for bf16 inference, attention, GELU and layer norm with their backward for bf16 training, and
+attention with its backward for float32 training (`ops.f32_attention_kernel`), on x86-64 CPUs with
+AVX-512 BF16 (Intel Cooper Lake and later, AMD Zen 4 and later). bf16 attention's
 matrix products run on AMX tiles where the CPU has them (Sapphire Rapids and later) and as AVX-512
 BF16 dot products elsewhere; everything else needs AVX-512 BF16 only.
 
@@ -20,6 +21,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -90,7 +92,16 @@ def get():
     """The compiled kernels module, or None where they cannot be used (see `unavailable_reason`)."""
     if _STATE["tried"]:
         return _STATE["module"]
-    _STATE["tried"] = True
+    with _BUILD_LOCK:  # training streams may ask from several threads at once: one build
+        if _STATE["tried"]:
+            return _STATE["module"]
+        return _get()
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def _get():
     reason = _why_not()
     if reason is None:
         from torch.utils.cpp_extension import load
@@ -109,6 +120,7 @@ def get():
             warnings.warn(f"vitlab's CPU kernels are not used: {reason}; PyTorch's kernels run instead "
                           f"(set {ENV}=0 to skip the build)", RuntimeWarning, stacklevel=2)
     _STATE["reason"] = reason
+    _STATE["tried"] = True  # last: a thread that sees it sees the module (or the reason) too
     return _STATE["module"]
 
 
@@ -161,27 +173,38 @@ ATTENTION_TRAIN_MAX_LOGITS = 1 << 23
 
 
 def attention_train_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The fused attention with its backward (`attention_train`) applies: the kernels built, bf16
-    CPU (B, H, N, d) tensors with d a multiple of 32 and contiguous last dims, nothing intercepting ops."""
-    return (_STATE["module"] is not None and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
-            and q.dim() == 4 and q.shape[-1] % 32 == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    """The fused attention with its backward (`attention_train`) applies: the kernels built, CPU
+    (B, H, N, d) tensors, bf16 with d a multiple of 32 or float32 with d a multiple of 16, contiguous
+    last dims, nothing intercepting ops."""
+    mult = {torch.bfloat16: 32, torch.float32: 16}.get(q.dtype)
+    return (_STATE["module"] is not None and mult is not None and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
+            and q.dim() == 4 and q.shape[-1] % mult == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and k.shape == v.shape and q.shape[:2] == k.shape[:2] and q.shape[-1] == k.shape[-1]
             and q.shape[2] * k.shape[2] <= ATTENTION_TRAIN_MAX_LOGITS and _plain())
 
 
+def _attention_forward(q, k, v, scale):
+    fwd = _STATE["module"].attention_fwd_f32 if q.dtype == torch.float32 else _STATE["module"].attention_fwd_bf16
+    return fwd(q, k, v, float(scale))
+
+
 def _attention_backward(ctx, g, q, k, v, dq, dk, dv):
     out, lse = ctx.saved_tensors[-2:]
-    _STATE["module"].attention_backward_bf16(g.contiguous(), q, k, v, out, lse, ctx.scale, dq, dk, dv, 0)
+    if q.dtype == torch.float32:
+        _STATE["module"].attention_backward_f32(g.contiguous(), q, k, v, out, lse, ctx.scale, dq, dk, dv)
+    else:
+        _STATE["module"].attention_backward_bf16(g.contiguous(), q, k, v, out, lse, ctx.scale, dq, dk, dv, 0)
 
 
 class _Attention(torch.autograd.Function):
     """softmax(scale q k^T) v with autograd on (B, H, N, d) q, k, v; returns (B, Nq, H*d). The
     forward also keeps each row's log-sum-exp; the backward recomputes the probabilities from it
-    (flash-attention style) and computes dq, dk, dv by AMX products in one kernel."""
+    (flash-attention style) and computes dq, dk, dv in one kernel (bf16: AMX or AVX-512 BF16
+    products; float32: AVX-512 float32 products)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        out, lse = _STATE["module"].attention_fwd_bf16(q, k, v, float(scale))
+        out, lse = _attention_forward(q, k, v, scale)
         ctx.scale = float(scale)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -206,7 +229,7 @@ class _QKVAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, scale, queries):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out, lse = _STATE["module"].attention_fwd_bf16(q[:, :, :queries], k, v, float(scale))
+        out, lse = _attention_forward(q[:, :, :queries], k, v, scale)
         ctx.scale, ctx.queries = float(scale), queries
         ctx.save_for_backward(qkv, out, lse)
         return out

@@ -50,7 +50,9 @@ class FastAttention(Attention):
     """Attention with its projections by `ops.linear` (bias and residual add fused into oneDNN's bf16
     product where bf16 is native), the attention core chosen by `ops.attention` for the device and
     shape, and with `cpu_kernel` (set by `ops.use_cpu_kernels`) vitlab's bf16 CPU attention: in
-    training its kernel pair with the backward reading q, k, v from the qkv projection's output in place."""
+    training its kernel pair with the backward reading q, k, v from the qkv projection's output in
+    place. float32 CPU training uses the float32 kernel pair the same way where
+    `ops.f32_attention_kernel` says so (no flag needed)."""
 
     cpu_kernel = False
 
@@ -58,7 +60,8 @@ class FastAttention(Attention):
                 residual: torch.Tensor | None = None, queries: int | None = None):
         B, N, C = x.shape
         qkv = ops.linear(x, self.qkv).reshape(B, N, 3, self.num_heads, self.head_dim)
-        if (self.cpu_kernel and not return_attn and bias is None and not (self.training and self.attn_drop)
+        if (not return_attn and bias is None and not (self.training and self.attn_drop)
+                and (self.cpu_kernel or ops.f32_attention_kernel(qkv, N))
                 and ops.attention_qkv_train_ok(qkv)):
             x, attn = ck.attention_qkv_train(qkv, self.scale, queries), None
         else:
@@ -266,7 +269,8 @@ class FastConvAttention(ConvAttention):
         if return_attn:
             return _explicit_attention(q, k, v, self.scale, self.attn_drop, self.training)
         drop = self.attn_drop if self.training else 0.0
-        if self.cpu_kernel:  # vitlab's fused CPU attention (with its backward in training) where it applies
+        # vitlab's fused CPU attention (with its backward in training) where it applies
+        if self.cpu_kernel or (not drop and ops.f32_attention_kernel(q, k.shape[-2])):
             out = ops.cpu_kernel_attention(q, k, v, self.scale, None, drop, self.training)
             if out is not None:
                 return out, None

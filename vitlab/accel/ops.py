@@ -379,8 +379,8 @@ def _choose_kernel(q, k, v, scale, bias, dropout_p, training) -> str:
 
 
 def cpu_kernel_attention(q, k, v, scale: float, bias=None, dropout_p: float = 0.0, training: bool = False):
-    """vitlab's fused bf16 CPU attention (`cpu_kernels`: the inference kernel, or with autograd
-    the kernel pair with its backward) as (B, H, Nq, d), or None where it does not apply."""
+    """vitlab's fused CPU attention (`kernels`: the bf16 inference kernel, or with autograd the
+    bf16 or float32 kernel pair with its backward) as (B, H, Nq, d), or None where it does not apply."""
     if bias is not None or (dropout_p and training) or not _STATE["enabled"] or not _plain_context():
         return None
     mod = ck.get()
@@ -419,9 +419,29 @@ def _train_kernel_ok(dropout_p: float, training: bool, tensors) -> bool:
             and any(t.requires_grad for t in tensors))
 
 
+# float32 training attention through vitlab's kernel (`kernels.attention_fwd_f32` and its backward:
+# AVX-512 float32 products over a whole head). Faster than SDPA's forward + backward at every shape
+# measured (one Zen 4 core: 1.06x at 17 tokens, 1.29x at ViT-S/16's 197, 1.17-1.27x at CvT-13's
+# stages; docs/speed.md). Below F32_KERNEL_MIN_KEYS keys (the default digits model has 17 tokens)
+# attention is a sliver of the step and the kernels' first-use build (about 25 s, once per machine)
+# would cost a short run more than it saves, so such models keep SDPA. The choice depends on the
+# shape only, never on timing, so a run and its resume compute the same bits.
+F32_KERNEL_MIN_KEYS = 32
+
+
+def f32_attention_kernel(x: torch.Tensor, n_keys: int) -> bool:
+    """Whether float32 attention over `n_keys` keys, whose input `x` is about to be differentiated,
+    runs on vitlab's float32 kernel: CPU float32 training (autograd on, no autocast), at least
+    F32_KERNEL_MIN_KEYS keys, fast paths on, and the kernels available here (x86-64 with AVX-512
+    BF16, `VITLAB_CPU_KERNELS` not 0; built at first use)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and n_keys >= F32_KERNEL_MIN_KEYS
+            and _train_kernel_ok(0.0, False, (x,)) and not torch.is_autocast_enabled("cpu") and _plain_context()
+            and ck.get() is not None)  # get() decides once per process (and builds, where it can)
+
+
 def attention_qkv_train_ok(qkv: torch.Tensor) -> bool:
     """vitlab's attention kernel with its backward applies to a fused qkv projection's output
-    (B, N, 3, H, d) (bf16 CPU training; see `cpu_kernels.attention_train_ok`)."""
+    (B, N, 3, H, d) (bf16 or float32 CPU training; see `kernels.attention_train_ok`)."""
     if not _train_kernel_ok(0.0, False, (qkv,)) or qkv.dim() != 5 or qkv.shape[2] != 3:
         return False
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)

@@ -1,4 +1,4 @@
-// vitlab's CPU kernels for bf16 inference and training on x86-64 CPUs with AVX-512 BF16 (built at
+// vitlab's CPU kernels for bf16 inference and training, and float32 training attention, on x86-64 CPUs with AVX-512 BF16 (built at
 // first use by vitlab/accel/kernels.py; every caller falls back to PyTorch's kernels without them).
 //
 // attention: softmax(scale * Q K^T) V per (batch, head) in blocks of 32 query rows, with the whole
@@ -14,6 +14,8 @@
 //   layout the output projection reads. Why hand-written: PyTorch's CPU SDPA spends most of its time
 //   outside the products at ViT shapes, and oneDNN's brgemm calls cost more than the 16-row products
 //   they run (docs/speed.md: 1.9x SDPA at ViT-S/16 on AMX).
+// attention_fwd_f32 / attention_backward_f32: float32 attention for float32 training, every product
+//   one register-blocked AVX-512 FMA kernel (see "float32 attention" below).
 // layer_norm: four rows at a time, three passes over L1-resident data (mean, centred variance,
 //   affine) in float32.
 #include <torch/extension.h>
@@ -274,13 +276,16 @@ inline void store_rows(const float* O, int64_t rows, int64_t d, float s, bf16* d
                                                                            _mm512_mul_ps(_mm512_loadu_ps(&O[i * d + col]), vs)));
 }
 
-void check_qkv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16, "bf16 q, k, v expected");
+// q (B, H, Nq, d), k and v (B, H, N, d) of dtype dt with contiguous last dims, d a multiple of mult
+void check_qkv(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, at::ScalarType dt = at::kBFloat16,
+               int64_t mult = 32) {
+  TORCH_CHECK(q.scalar_type() == dt && k.scalar_type() == dt && v.scalar_type() == dt,
+              dt == at::kFloat ? "float32 q, k, v expected" : "bf16 q, k, v expected");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "(B, H, N, d) tensors with a contiguous last dim expected");
-  TORCH_CHECK(q.size(3) % 32 == 0, "head dim must be a multiple of 32");
+  TORCH_CHECK(q.size(3) % mult == 0, "head dim must be a multiple of ", mult);
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) && v.sizes() == k.sizes(),
               "q (B, H, Nq, d), k and v (B, H, N, d) expected");
-  TORCH_CHECK(!g_amx || amx_permitted(), "the OS refused AMX tile state to this process");
+  TORCH_CHECK(dt != at::kBFloat16 || !g_amx || amx_permitted(), "the OS refused AMX tile state to this process");
 }
 
 // The forward; lse (B, H, Nq) float32 or null: each row's base-2 log-sum-exp of scale*log2(e)*s
@@ -476,6 +481,241 @@ void attention_backward_bf16(torch::Tensor dout, torch::Tensor q, torch::Tensor 
       }
     }
     release_tiles();
+  });
+}
+
+
+// ---------------------------------------------------------------------------- float32 attention
+// softmax(scale Q K^T) V and its backward in float32, for float32 training on CPUs where these
+// kernels load. Why hand-written: at ViT shapes (197 keys, head dim 64) PyTorch's CPU SDPA runs its
+// products at 60-75 GFLOP/s on one Zen 4 core, and MKL's batched products of these small matrices
+// at 38-67; register-blocked AVX-512 products over a whole head's rows, with the head's K^T and V^T
+// packed once, run near the core's float32 peak (docs/speed.md, "float32 attention kernel").
+// Everything is float32 (sums in a fixed order: the same bits for any thread count); the
+// exponential is exp2_ps<5> (relative error 1.5e-7, float32's rounding).
+
+// C (R rows x 16*CB floats, row stride ldc) = (acc ? C : 0) + sum over k < K of A(r, k) B_k, with
+// A(r, k) = a[r*ars + k*aks] broadcast to every lane and B_k the 16*CB floats at b + k*ldb. One loaded
+// B row feeds R products, and R*CB independent accumulators hide the FMA latency.
+template <int R, int CB>
+inline void f32_block(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
+                      float* c, int64_t ldc, bool acc) {
+  __m512 C[R][CB];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < CB; ++j) C[r][j] = acc ? _mm512_loadu_ps(c + r * ldc + 16 * j) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * ldb; const float* ak = a + k * aks;
+    __m512 bv[CB];
+#pragma GCC unroll 4
+    for (int j = 0; j < CB; ++j) bv[j] = _mm512_loadu_ps(bk + 16 * j);
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(ak[r * ars]);
+#pragma GCC unroll 4
+      for (int j = 0; j < CB; ++j) C[r][j] = _mm512_fmadd_ps(av, bv[j], C[r][j]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < CB; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, C[r][j]);
+}
+
+// rows in [1, R] of one column block (the tail of a row loop picks its R at run time)
+template <int R, int CB>
+inline void f32_rows(int64_t rows, int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
+                     float* c, int64_t ldc, bool acc) {
+  if constexpr (R > 1) {
+    if (rows < R) return f32_rows<R - 1, CB>(rows, K, a, ars, aks, b, ldb, c, ldc, acc);
+  }
+  f32_block<R, CB>(K, a, ars, aks, b, ldb, c, ldc, acc);
+}
+
+// C (M x ncols, ncols a multiple of 16; row stride ldc) = (acc ? C : 0) + A B with A(i, k) =
+// a[i*ars + k*aks] (M x K) and B's row k the ncols floats at b + k*ldb. Column blocks of 64 (6 rows
+// at a time: 24 accumulators), 32 (12 rows) or 16 (12 rows). (Steps over K to keep B's block in L1
+// measured slower at these sizes: 101-112 against 114-115 GFLOP/s, K = 197 and 784.)
+void f32_gemm(int64_t M, int64_t ncols, int64_t K, const float* a, int64_t ars, int64_t aks, const float* b,
+              int64_t ldb, float* c, int64_t ldc, bool acc) {
+  for (int64_t j = 0; j < ncols;) {
+    const int64_t left = ncols - j;
+    if (left >= 64) {
+      for (int64_t i = 0; i < M; i += 6)
+        f32_rows<6, 4>(std::min<int64_t>(6, M - i), K, a + i * ars, ars, aks, b + j, ldb, c + i * ldc + j, ldc, acc);
+      j += 64;
+    } else if (left >= 32) {
+      for (int64_t i = 0; i < M; i += 12)
+        f32_rows<12, 2>(std::min<int64_t>(12, M - i), K, a + i * ars, ars, aks, b + j, ldb, c + i * ldc + j, ldc, acc);
+      j += 32;
+    } else {
+      for (int64_t i = 0; i < M; i += 12)
+        f32_rows<12, 1>(std::min<int64_t>(12, M - i), K, a + i * ars, ars, aks, b + j, ldb, c + i * ldc + j, ldc, acc);
+      j += 16;
+    }
+  }
+}
+
+// Ask for n rows of d floats (row stride ld) in L2: the next head's rows, while this head computes.
+// A head's rows lie 3*H*d floats apart in the qkv projection's output, a stride the hardware
+// prefetchers do not follow, and its products would otherwise wait for them row by row.
+inline void f32_prefetch_rows(const float* x, int64_t n, int64_t ld, int64_t d) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < d; c += 16) _mm_prefetch(reinterpret_cast<const char*>(x + j * ld + c), _MM_HINT_T1);
+}
+
+// X (n rows of d floats, row stride ld, d a multiple of 16) transposed into dst (d rows of n16
+// floats), zero for rows in [n, n16): 16x16 blocks by register transposes
+void f32_pack_transposed(const float* X, int64_t ld, int64_t n, int64_t n16, int64_t d, float* dst) {
+  for (int64_t j0 = 0; j0 < n16; j0 += 16)
+    for (int64_t c0 = 0; c0 < d; c0 += 16) {
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = j0 + i < n ? _mm512_loadu_si512(X + (j0 + i) * ld + c0) : _mm512_setzero_si512();
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (c0 + i) * n16 + j0, r[i]);
+    }
+}
+
+// Query rows per block: S and dP of one block are (F32_QB x N16) floats per thread
+constexpr int64_t F32_QB = 256;
+
+// One row of P: S[j] (j < n) -> 2^(c S[j] - c max) (unnormalised), returns the row sum and the max
+inline float f32_softmax_row(float* S, int64_t n, float c, float* cmax) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first(n - j), S + j));
+  const float cm = c * _mm512_reduce_max_ps(mx);
+  const __m512 vc = _mm512_set1_ps(c), vm = _mm512_set1_ps(cm);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mk = first(n - j);
+    const __m512 p = _mm512_maskz_mov_ps(mk, exp2_ps<5>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, S + j), vc, vm)));
+    _mm512_mask_storeu_ps(S + j, mk, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  *cmax = cm;
+  return _mm512_reduce_add_ps(sum);
+}
+
+// The forward: (out (B, Nq, H*d) float32, lse (B, H, Nq): each row's base-2 log-sum-exp of
+// scale*log2(e)*s, which the backward recomputes the probabilities from). q (B, H, Nq, d), k, v
+// (B, H, N, d), any strides with a contiguous last dim (views of one qkv projection output).
+std::vector<torch::Tensor> attention_fwd_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  check_qkv(q, k, v, at::kFloat, 16);
+  TORCH_CHECK(scale > 0, "scale must be positive");
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3), N = k.size(2), HD = H * d;
+  auto out = torch::empty({B, Nq, HD}, q.options());
+  auto lse = torch::empty({B, H, Nq}, q.options());
+  const int64_t N16 = (N + 15) / 16 * 16;
+  const float c = (float)scale * 1.44269504088896341f;
+  const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>(); float* lp = lse.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt(d * N16), S(std::min(F32_QB, Nq) * N16);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* qh = qp + b * q.stride(0) + h * q.stride(1); const float* kh = kp + b * k.stride(0) + h * k.stride(1);
+      const float* vh = vp + b * v.stride(0) + h * v.stride(1);
+      if (bh + 1 < end) {
+        const int64_t b1 = (bh + 1) / H, h1 = (bh + 1) % H;
+        f32_prefetch_rows(qp + b1 * q.stride(0) + h1 * q.stride(1), Nq, q.stride(2), d);
+        f32_prefetch_rows(kp + b1 * k.stride(0) + h1 * k.stride(1), N, k.stride(2), d);
+        f32_prefetch_rows(vp + b1 * v.stride(0) + h1 * v.stride(1), N, v.stride(2), d);
+      }
+      f32_pack_transposed(kh, k.stride(2), N, N16, d, kt.data());
+      for (int64_t i0 = 0; i0 < Nq; i0 += F32_QB) {
+        const int64_t m = std::min(F32_QB, Nq - i0);
+        f32_gemm(m, N16, d, qh + i0 * q.stride(2), q.stride(2), 1, kt.data(), N16, S.data(), N16, false);
+        float* o = op + (b * Nq + i0) * HD + h * d;
+        std::vector<float> inv(m);
+        for (int64_t i = 0; i < m; ++i) {
+          float cm;
+          const float s = f32_softmax_row(&S[i * N16], N, c, &cm);
+          inv[i] = 1.0f / s;
+          lp[bh * Nq + i0 + i] = cm + std::log2(s);
+        }
+        // O = P V (unnormalised P), then each row times 1 / its sum
+        f32_gemm(m, d, N, S.data(), N16, 1, vh, v.stride(2), o, HD, false);
+        for (int64_t i = 0; i < m; ++i) {
+          const __m512 s = _mm512_set1_ps(inv[i]);
+          for (int64_t col = 0; col < d; col += 16) _mm512_storeu_ps(o + i * HD + col, _mm512_mul_ps(_mm512_loadu_ps(o + i * HD + col), s));
+        }
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// The backward, per (batch, head) and block of query rows: S = Q K^T, P = 2^(c S - lse),
+// dP = dO V^T, dS = P (dP - rowsum(dO o O)) * scale, dQ = dS K, and over the blocks dV += P^T dO,
+// dK += dS^T Q (the transposed operands read in place: the products broadcast P's and dS's entries
+// column-wise). dq, dk, dv (shapes of q, k, v, any strides with a contiguous last dim) are written,
+// so q, k, v may be views of one qkv tensor and their gradient one buffer. dout, out: (B, Nq, H*d)
+// contiguous float32; lse from attention_fwd_f32.
+void attention_backward_f32(torch::Tensor dout, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
+                            torch::Tensor lse, double scale, torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+  check_qkv(q, k, v, at::kFloat, 16);
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3), N = k.size(2), HD = H * d;
+  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && dout.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat
+              && dout.numel() == B * Nq * HD && out.numel() == dout.numel(), "dout and out: contiguous float32 (B, Nq, H*d)");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == B * H * Nq, "lse: float32 (B, H, Nq)");
+  TORCH_CHECK(dq.sizes() == q.sizes() && dk.sizes() == k.sizes() && dv.sizes() == v.sizes() && dq.stride(3) == 1
+              && dk.stride(3) == 1 && dv.stride(3) == 1 && dq.scalar_type() == at::kFloat && dk.scalar_type() == at::kFloat
+              && dv.scalar_type() == at::kFloat, "dq, dk, dv: float32 like q, k, v with a contiguous last dim");
+  const int64_t N16 = (N + 15) / 16 * 16;
+  const float c = (float)scale * 1.44269504088896341f, sc = (float)scale;
+  const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
+  const float* gp = dout.data_ptr<float>(); const float* op = out.data_ptr<float>(); const float* lp = lse.data_ptr<float>();
+  float* dqp = dq.data_ptr<float>(); float* dkp = dk.data_ptr<float>(); float* dvp = dv.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const int64_t QB = std::min(F32_QB, Nq);
+    std::vector<float> kt(d * N16), vt(d * N16), S(QB * N16), G(QB * N16);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* qh = qp + b * q.stride(0) + h * q.stride(1); const float* kh = kp + b * k.stride(0) + h * k.stride(1);
+      const float* vh = vp + b * v.stride(0) + h * v.stride(1);
+      const float* gh = gp + b * Nq * HD + h * d; const float* oh = op + b * Nq * HD + h * d;  // row stride HD
+      const float* lh = lp + bh * Nq;
+      float* dqh = dqp + b * dq.stride(0) + h * dq.stride(1);
+      float* dkh = dkp + b * dk.stride(0) + h * dk.stride(1); float* dvh = dvp + b * dv.stride(0) + h * dv.stride(1);
+      if (bh + 1 < end) {
+        const int64_t b1 = (bh + 1) / H, h1 = (bh + 1) % H;
+        f32_prefetch_rows(qp + b1 * q.stride(0) + h1 * q.stride(1), Nq, q.stride(2), d);
+        f32_prefetch_rows(kp + b1 * k.stride(0) + h1 * k.stride(1), N, k.stride(2), d);
+        f32_prefetch_rows(vp + b1 * v.stride(0) + h1 * v.stride(1), N, v.stride(2), d);
+        f32_prefetch_rows(gp + b1 * Nq * HD + h1 * d, Nq, HD, d);
+        f32_prefetch_rows(op + b1 * Nq * HD + h1 * d, Nq, HD, d);
+      }
+      f32_pack_transposed(kh, k.stride(2), N, N16, d, kt.data());
+      f32_pack_transposed(vh, v.stride(2), N, N16, d, vt.data());
+      for (int64_t i0 = 0; i0 < Nq; i0 += QB) {
+        const int64_t m = std::min(QB, Nq - i0);
+        f32_gemm(m, N16, d, qh + i0 * q.stride(2), q.stride(2), 1, kt.data(), N16, S.data(), N16, false);
+        f32_gemm(m, N16, d, gh + i0 * HD, HD, 1, vt.data(), N16, G.data(), N16, false);
+        const __m512 vc = _mm512_set1_ps(c), vsc = _mm512_set1_ps(sc);
+        for (int64_t i = 0; i < m; ++i) {
+          float* Si = &S[i * N16]; float* Gi = &G[i * N16];
+          const float* gi = gh + (i0 + i) * HD; const float* oi = oh + (i0 + i) * HD;
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t col = 0; col < d; col += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(gi + col), _mm512_loadu_ps(oi + col), acc);
+          const __m512 vd = _mm512_set1_ps(_mm512_reduce_add_ps(acc)), vl = _mm512_set1_ps(lh[i0 + i]);
+          for (int64_t j = 0; j < N; j += 16) {
+            const __mmask16 mk = first(N - j);
+            const __m512 p = _mm512_maskz_mov_ps(mk, exp2_ps<5>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, Si + j), vc, vl)));
+            const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, Gi + j), vd)), vsc);
+            _mm512_mask_storeu_ps(Si + j, mk, p);
+            _mm512_mask_storeu_ps(Gi + j, mk, ds);
+          }
+        }
+        // dQ = dS K for this block's rows; dV, dK: reductions over every block's rows
+        f32_gemm(m, d, N, G.data(), N16, 1, kh, k.stride(2), dqh + i0 * dq.stride(2), dq.stride(2), false);
+        f32_gemm(N, d, m, S.data(), 1, N16, gh + i0 * HD, HD, dvh, dv.stride(2), i0 > 0);
+        f32_gemm(N, d, m, G.data(), 1, N16, qh + i0 * q.stride(2), q.stride(2), dkh, dk.stride(2), i0 > 0);
+      }
+    }
   });
 }
 
@@ -984,6 +1224,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bf16", &attention_bf16, nogil);
   m.def("attention_fwd_bf16", &attention_fwd_bf16, nogil);
   m.def("attention_backward_bf16", &attention_backward_bf16, nogil);
+  m.def("attention_fwd_f32", &attention_fwd_f32, nogil);
+  m.def("attention_backward_f32", &attention_backward_f32, nogil);
   m.def("layer_norm_bf16", &layer_norm_bf16, nogil);
   m.def("gelu_bf16_", &gelu_bf16_, nogil);
   m.def("gelu_bf16", &gelu_bf16, nogil);

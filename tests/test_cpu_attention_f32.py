@@ -1,0 +1,154 @@
+"""vitlab's float32 CPU attention with its backward (float32 training): output, log-sum-exp and
+dq, dk, dv match the float64 reference within float32's error, at least as closely as PyTorch's
+SDPA, for every branch of the kernel's blocking; results do not depend on the thread count; models
+train through it in float32 with the plain model's loss and gradients, and only where it applies."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from attention_reference import assert_as_close_as_pytorch, reference, rel
+
+from vitlab.accel import accelerate, kernels as cpu_kernels, ops as fast
+from vitlab.models import create_model
+from vitlab.models.layers import Attention
+
+
+@pytest.fixture
+def mod():
+    """The compiled kernels (their float32 attention has no AMX variant, so unlike conftest's `mod`
+    this runs once); skips with the reason where they cannot be built."""
+    m = cpu_kernels.get()
+    if m is None:
+        pytest.skip(f"vitlab's CPU kernels are not available here: {cpu_kernels.unavailable_reason()}")
+    return m
+
+
+def _qkv(B, H, Nq, N, d, gen, strided=True):
+    """float32 q (B, H, Nq, d), k, v (B, H, N, d): views of (B, N, 3, H, d) memory as the models'
+    qkv projection gives them (strided), or contiguous."""
+    if strided:
+        qkv = torch.randn(B, max(Nq, N), 3, H, d, generator=gen)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q[:, :, :Nq], k[:, :, :N], v[:, :, :N]
+    return tuple(torch.randn(B, H, n, d, generator=gen) for n in (Nq, N, N))
+
+
+# every branch of the blocking: column blocks of 64, 32 and 16 (head dims 64, 96 = 64 + 32, 48 =
+# 32 + 16, 16), row tails of every size, key counts that are and are not multiples of 16, Nq != N,
+# more than one block of 256 query rows (300, 600), one query, one key
+SHAPES = [(2, 3, 197, 197, 64), (2, 1, 50, 17, 32), (1, 2, 33, 50, 96), (1, 1, 300, 80, 48),
+          (1, 2, 5, 197, 64), (2, 2, 16, 16, 16), (1, 1, 1, 1, 16), (1, 1, 600, 150, 64), (3, 1, 7, 35, 80)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("strided", [True, False])
+def test_float32_kernel_matches_the_float64_reference(mod, shape, strided):
+    B, H, Nq, N, d = shape
+    gen = torch.Generator().manual_seed(Nq * 1000 + N)
+    q, k, v = _qkv(B, H, Nq, N, d, gen, strided)
+    scale = d ** -0.5
+    g = torch.randn(B, H, Nq, d, generator=gen)
+    out, lse, dq_ref, dk_ref, dv_ref = reference(q, k, v, scale, g)
+
+    o, l2 = mod.attention_fwd_f32(q, k, v, scale)
+    assert o.shape == (B, Nq, H * d) and o.dtype == torch.float32 and l2.shape == (B, H, Nq)
+    assert (l2.double() - lse).abs().max().item() < 1e-5
+    got = {"out": o.view(B, Nq, H, d).transpose(1, 2)}
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    mod.attention_backward_f32(g.transpose(1, 2).reshape(B, Nq, H * d).contiguous(), q, k, v, o, l2, scale, dq, dk, dv)
+    got.update(dq=dq, dk=dk, dv=dv)
+    # PyTorch's float32 SDPA against the same reference
+    assert_as_close_as_pytorch(got, q, k, v, g, scale, (out, dq_ref, dk_ref, dv_ref),
+                               lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v, scale=s), bound=1e-5, slack=1e-6)
+
+
+def test_float32_backward_does_not_depend_on_the_thread_count(mod):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _qkv(4, 3, 70, 70, 64, gen)
+    g = torch.randn(4, 70, 192, generator=gen)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            o, lse = mod.attention_fwd_f32(q, k, v, 0.125)
+            grads = [torch.empty_like(t) for t in (q, k, v)]
+            mod.attention_backward_f32(g, q, k, v, o, lse, 0.125, *grads)
+            results.append([o, lse, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_float32_qkv_entry_writes_one_gradient_and_zero_for_tokens_without_a_query(mod):
+    gen = torch.Generator().manual_seed(1)
+    B, N, H, d, n = 2, 37, 2, 32, 5
+    base = torch.randn(B, N, 3, H, d, generator=gen)
+    g = torch.randn(B, n, H * d, generator=gen)
+    qkv = base.clone().requires_grad_(True)
+    out = cpu_kernels.attention_qkv_train(qkv, d ** -0.5, queries=n)
+    assert out.shape == (B, n, H * d) and out.dtype == torch.float32
+    out.backward(g)
+    assert qkv.grad.is_contiguous() and torch.all(qkv.grad[:, n:, 0] == 0)
+    ref = base.double().requires_grad_(True)
+    q, k, v = ref.permute(2, 0, 3, 1, 4).unbind(0)
+    r = ((q[:, :, :n] @ k.transpose(-1, -2)) * d ** -0.5).softmax(-1) @ v
+    r.transpose(1, 2).reshape(B, n, H * d).backward(g.double())
+    assert rel(out.detach(), r.detach().transpose(1, 2).reshape(B, n, H * d)) < 1e-5
+    assert rel(qkv.grad, ref.grad) < 1e-5
+
+
+def test_float32_kernel_refuses_bad_arguments_with_a_clear_message(mod):
+    q, k, v = _qkv(1, 2, 8, 8, 32, torch.Generator().manual_seed(4))
+    with pytest.raises(RuntimeError, match="head dim must be a multiple of 16"):
+        mod.attention_fwd_f32(q[..., :8], k[..., :8], v[..., :8], 0.2)
+    with pytest.raises(RuntimeError, match="float32 q, k, v"):
+        mod.attention_fwd_f32(q.double(), k.double(), v.double(), 0.2)
+    o, lse = mod.attention_fwd_f32(q, k, v, 0.2)
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    with pytest.raises(RuntimeError, match="lse: float32"):
+        mod.attention_backward_f32(o, q, k, v, o, lse[:, :1], 0.2, *grads)
+    with pytest.raises(RuntimeError, match="dq, dk, dv"):
+        mod.attention_backward_f32(o, q, k, v, o, lse, 0.2, grads[0].bfloat16(), grads[1], grads[2])
+
+
+ATTENTION_BACKWARDS = {"_QKVAttentionBackward", "_AttentionBackward"}
+
+
+@pytest.mark.parametrize("name, used", [("vit_ti16", "_QKVAttentionBackward"), ("cvt_tiny", "_AttentionBackward")])
+def test_float32_models_train_through_the_kernel_with_the_plain_models_gradients(mod, name, used, grad_fn_names):
+    """The accelerated float32 model (no flag: `ops.f32_attention_kernel` decides) computes the plain
+    model's loss and gradients, within float32 rounding."""
+    torch.manual_seed(0)
+    plain = create_model(name, num_classes=5, img_size=96, drop_path_rate=0.0).train()
+    fastm = accelerate(copy.deepcopy(plain))
+    x, y = torch.randn(2, 3, 96, 96), torch.tensor([1, 3])
+    losses, grads = [], []
+    for m in (fastm, plain):
+        loss = F.cross_entropy(m(x), y)
+        assert used in grad_fn_names(loss) if m is fastm else not grad_fn_names(loss) & ATTENTION_BACKWARDS
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert abs(losses[0] - losses[1]) < 1e-5 * max(1.0, abs(losses[1]))
+    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 1e-4
+
+
+def test_float32_kernel_is_used_only_where_it_applies(mod, grad_fn_names, monkeypatch):
+    x = torch.randn(2, 40, 64, requires_grad=True)
+    attn = accelerate(Attention(64, num_heads=2)).train()
+    assert grad_fn_names(attn(x)[0]) & ATTENTION_BACKWARDS  # 40 keys, float32, training
+    short = torch.randn(2, fast.F32_KERNEL_MIN_KEYS - 1, 64, requires_grad=True)
+    assert not grad_fn_names(attn(short)[0]) & ATTENTION_BACKWARDS  # too few keys: SDPA
+    assert not grad_fn_names(attn(x, return_attn=True)[0]) & ATTENTION_BACKWARDS  # probabilities asked for
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: its bf16 attention, not a float32 kernel
+        assert not grad_fn_names(attn(x)[0]) & ATTENTION_BACKWARDS
+    with torch.no_grad():
+        assert attn(x)[0].grad_fn is None
+    with fast.reference_mode():
+        assert not grad_fn_names(attn(x)[0]) & ATTENTION_BACKWARDS
+    dropped = accelerate(Attention(64, num_heads=2, attn_drop=0.1)).train()
+    assert not grad_fn_names(dropped(x)[0]) & ATTENTION_BACKWARDS
+    odd = accelerate(Attention(72, num_heads=6)).train()  # head dim 12: not a multiple of 16
+    assert not grad_fn_names(odd(torch.randn(2, 40, 72, requires_grad=True))[0]) & ATTENTION_BACKWARDS
