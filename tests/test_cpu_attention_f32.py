@@ -152,3 +152,19 @@ def test_float32_kernel_is_used_only_where_it_applies(mod, grad_fn_names, monkey
     assert not grad_fn_names(dropped(x)[0]) & ATTENTION_BACKWARDS
     odd = accelerate(Attention(72, num_heads=6)).train()  # head dim 12: not a multiple of 16
     assert not grad_fn_names(odd(torch.randn(2, 40, 72, requires_grad=True))[0]) & ATTENTION_BACKWARDS
+
+
+def test_without_the_kernels_float32_training_runs_sdpa_with_the_same_gradients(grad_fn_names, monkeypatch):
+    """Where vitlab's kernels cannot be used (no AVX-512 BF16, no compiler, VITLAB_CPU_KERNELS=0: what
+    CI's AVX2-capped run and ARM machines see) float32 training falls back to SDPA, same function."""
+    monkeypatch.setattr(cpu_kernels, "get", lambda: None)
+    x = torch.randn(2, 40, 64, requires_grad=True)
+    plain = Attention(64, num_heads=2).train()
+    fastm = accelerate(copy.deepcopy(plain))
+    assert not fast.f32_attention_kernel(x, 40)
+    out = fastm(x)[0]
+    assert not grad_fn_names(out) & ATTENTION_BACKWARDS
+    g = torch.randn_like(out)
+    (gx_fast,) = torch.autograd.grad(out, x, g)
+    (gx_plain,) = torch.autograd.grad(plain(x)[0], x, g)
+    torch.testing.assert_close(gx_fast, gx_plain, rtol=1e-5, atol=1e-6)
