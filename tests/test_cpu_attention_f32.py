@@ -168,3 +168,28 @@ def test_without_the_kernels_float32_training_runs_sdpa_with_the_same_gradients(
     (gx_fast,) = torch.autograd.grad(out, x, g)
     (gx_plain,) = torch.autograd.grad(plain(x)[0], x, g)
     torch.testing.assert_close(gx_fast, gx_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_float32_training_through_the_kernel_resumes_bit_for_bit(mod, tmp_path, monkeypatch):
+    """`vitlab train` in float32 on CPU runs the kernel (no flag) and a resumed run ends with the
+    uninterrupted run's weights and losses, bit for bit (the kernel's sums do not depend on threads)."""
+    from safetensors.torch import load_file
+
+    from vitlab.train import checkpoint as ckpt
+    from vitlab.train.config import TrainConfig
+    from vitlab.train.engine import fit
+
+    calls = []
+    attention = cpu_kernels._QKVAttention.forward
+    monkeypatch.setattr(cpu_kernels._QKVAttention, "forward",
+                        staticmethod(lambda ctx, qkv, *a: calls.append(qkv.dtype) or attention(ctx, qkv, *a)))
+    # digits at 12 px in patches of 2: 37 tokens, above F32_KERNEL_MIN_KEYS
+    base = dict(out=str(tmp_path), epochs=2, batch_size=64, lr=3e-3, threads=1, tensorboard=False, progress=False,
+                precision="fp32", img_size=12, model_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2})
+    full = fit(TrainConfig(name="full", **base), verbose=False)
+    assert calls and set(calls) == {torch.float32}
+    part = fit(TrainConfig(name="part", max_steps=30, **base), verbose=False)
+    rest = fit(TrainConfig(resume=str(part.run_dir)), verbose=False)
+    a, b = (load_file(str(ckpt.resolve_checkpoint(r.run_dir)["weights"])) for r in (full, rest))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rest.step_losses == full.step_losses[30:]
