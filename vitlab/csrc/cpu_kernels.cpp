@@ -614,7 +614,7 @@ std::vector<torch::Tensor> attention_fwd_f32(torch::Tensor q, torch::Tensor k, t
   const float* qp = q.data_ptr<float>(); const float* kp = k.data_ptr<float>(); const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>(); float* lp = lse.data_ptr<float>();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(d * N16), S(std::min(F32_QB, Nq) * N16);
+    std::vector<float> kt(d * N16), S(std::min(F32_QB, Nq) * N16), inv(std::min(F32_QB, Nq));
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const float* qh = qp + b * q.stride(0) + h * q.stride(1); const float* kh = kp + b * k.stride(0) + h * k.stride(1);
@@ -630,7 +630,6 @@ std::vector<torch::Tensor> attention_fwd_f32(torch::Tensor q, torch::Tensor k, t
         const int64_t m = std::min(F32_QB, Nq - i0);
         f32_gemm(m, N16, d, qh + i0 * q.stride(2), q.stride(2), 1, kt.data(), N16, S.data(), N16, false);
         float* o = op + (b * Nq + i0) * HD + h * d;
-        std::vector<float> inv(m);
         for (int64_t i = 0; i < m; ++i) {
           float cm;
           const float s = f32_softmax_row(&S[i * N16], N, c, &cm);
