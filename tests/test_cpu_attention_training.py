@@ -1,8 +1,9 @@
-"""vitlab's fused CPU attention with its backward (bf16 training): the forward's output and
-log-sum-exp and the backward's dq, dk, dv match the float64 reference within bf16's error (no
-worse than PyTorch's own bf16 attention), for every shape class the kernel's blocking meets; the
-fused-qkv entry writes one gradient buffer; results do not depend on the thread count; models
-use it in training only where it applies."""
+"""vitlab's fused CPU attention with its backward (bf16 training; the entry points it shares with
+the float32 kernel are tested for both, the rest of that kernel in test_cpu_attention_f32.py): the
+forward's output and log-sum-exp and the backward's dq, dk, dv match the float64 reference within
+bf16's error (no worse than PyTorch's own bf16 attention), for every shape class the kernel's
+blocking meets; the fused-qkv entry writes one gradient buffer; results do not depend on the
+thread count; models use it in training only where it applies."""
 import copy
 
 import pytest
@@ -61,14 +62,26 @@ def test_kernel_forward_and_backward_match_the_float64_reference(mod, shape, str
                                lambda *a: fast.attention_reference(*a)[0], bound=1e-2, slack=1e-3)
 
 
-def test_the_fused_qkv_entry_writes_one_gradient_and_zero_for_tokens_without_a_query(mod):
+# both kernels share these entry points: bound on the relative error against float64 for each
+BOUND = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+def _kernel_pair(mod, dtype):
+    """(forward(q, k, v, scale) -> (out, lse), backward(g, q, k, v, out, lse, scale, dq, dk, dv)) of the kernel for dtype."""
+    if dtype == torch.float32:
+        return mod.attention_fwd_f32, mod.attention_backward_f32
+    return mod.attention_fwd_bf16, lambda *a: mod.attention_backward_bf16(*a, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_fused_qkv_entry_writes_one_gradient_and_zero_for_tokens_without_a_query(mod, dtype):
     gen = torch.Generator().manual_seed(1)
     B, N, H, d, n = 2, 37, 2, 32, 5
-    base = torch.randn(B, N, 3, H, d, generator=gen).to(torch.bfloat16)
-    g = torch.randn(B, n, H * d, generator=gen).to(torch.bfloat16)
+    base = torch.randn(B, N, 3, H, d, generator=gen).to(dtype)
+    g = torch.randn(B, n, H * d, generator=gen).to(dtype)
     qkv = base.clone().requires_grad_(True)
     out = cpu_kernels.attention_qkv_train(qkv, d ** -0.5, queries=n)
-    assert out.shape == (B, n, H * d)
+    assert out.shape == (B, n, H * d) and out.dtype == dtype
     out.backward(g)
     assert qkv.grad.is_contiguous() and qkv.grad.shape == qkv.shape
     assert torch.all(qkv.grad[:, n:, 0] == 0)  # no query for these tokens: no gradient through q
@@ -76,22 +89,24 @@ def test_the_fused_qkv_entry_writes_one_gradient_and_zero_for_tokens_without_a_q
     q, k, v = ref.permute(2, 0, 3, 1, 4).unbind(0)
     r = ((q[:, :, :n] @ k.transpose(-1, -2)) * d ** -0.5).softmax(-1) @ v
     r.transpose(1, 2).reshape(B, n, H * d).backward(g.double())
-    assert rel(out.detach(), r.detach().transpose(1, 2).reshape(B, n, H * d)) < 1e-2
-    assert rel(qkv.grad, ref.grad) < 1e-2
+    assert rel(out.detach(), r.detach().transpose(1, 2).reshape(B, n, H * d)) < BOUND[dtype]
+    assert rel(qkv.grad, ref.grad) < BOUND[dtype]
 
 
-def test_backward_does_not_depend_on_the_thread_count(mod):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backward_does_not_depend_on_the_thread_count(mod, dtype):
     gen = torch.Generator().manual_seed(2)
-    q, k, v = _qkv(4, 3, 70, 70, 64, gen)
-    g = torch.randn(4, 70, 192, generator=gen).to(torch.bfloat16)
+    q, k, v = (t.to(dtype) for t in _qkv(4, 3, 70, 70, 64, gen))
+    g = torch.randn(4, 70, 192, generator=gen).to(dtype)
+    forward, backward = _kernel_pair(mod, dtype)
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            o, lse = mod.attention_fwd_bf16(q, k, v, 0.125)
+            o, lse = forward(q, k, v, 0.125)
             grads = [torch.empty_like(t) for t in (q, k, v)]
-            mod.attention_backward_bf16(g, q, k, v, o, lse, 0.125, *grads, 0)
+            backward(g, q, k, v, o, lse, 0.125, *grads)
             results.append([o, lse, *grads])
     finally:
         torch.set_num_threads(threads)
